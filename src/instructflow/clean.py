@@ -1,0 +1,487 @@
+"""The clean stage: read a raw instruction table in whatever shape it comes, normalise the text, reject
+rows that would teach the model nothing (or teach it twice), and give every kept row a train/eval split.
+
+The split is a function of a row's content alone, so appending rows to the source file never moves an
+existing row between train and eval (and never leaks an evaluated row into training on a re-run).
+
+No Snakemake here: the workflow rule is a thin call into :func:`run_clean`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from instructflow.io import write_json, write_parquet
+
+CANONICAL = ("instruction", "input", "output")
+CHAT_COLUMNS = ("messages", "conversations")
+
+# Only the `input` column is checked against these: Alpaca-style data uses them to mean "no input",
+# but an instruction or an output of "None" or "-" can be a real answer (e.g. "what does print(None)
+# show?"), so emptying those would corrupt data.
+DEFAULT_PLACEHOLDERS = ["<noinput>", "<no input>", "no input", "n/a", "none", "null", "nan", "-"]
+
+# Candidate source column names, in order of preference, matched case-insensitively.
+AUTO_COLUMNS = {
+    "instruction": ["instruction", "prompt", "question", "query"],
+    "input": ["input", "context"],  # "context" is Dolly's name for it
+    "output": ["output", "response", "answer", "completion"],
+}
+
+REASONS = ("empty_instruction", "empty_output", "duplicate", "too_long", "bad_chat")
+
+KEPT_COLUMNS = ["row", "instruction", "input", "output", "messages", "split"]
+REJECTED_COLUMNS = ["row", "reason", "detail", "instruction", "input", "output", "messages"]
+
+ROLE_MAP = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "system": "system",
+}
+
+_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
+# A lead byte of a 2/3-byte UTF-8 sequence decoded as cp1252/latin-1 ("Ã", "Â", "â", ...) followed by a
+# continuation byte decoded the same way: the fingerprint of UTF-8 text that was decoded twice.
+_CONT = "\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013\u2014\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122"
+_MOJIBAKE = re.compile(f"[\u00c2-\u00ef][{_CONT}]")
+
+
+class CleanError(ValueError):
+    """A source file that cannot be read or mapped; the message names the file and what to fix."""
+
+
+@dataclass
+class CleanResult:
+    kept: pd.DataFrame
+    rejected: pd.DataFrame
+    report: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+def _decode(path: Path, raw: bytes) -> str:
+    if raw.startswith(codecs.BOM_UTF8):
+        enc, body = "utf-8", raw[len(codecs.BOM_UTF8):]
+    elif raw.startswith(codecs.BOM_UTF32_LE) or raw.startswith(codecs.BOM_UTF32_BE):
+        enc, body = "utf-32", raw
+    elif raw.startswith(codecs.BOM_UTF16_LE) or raw.startswith(codecs.BOM_UTF16_BE):
+        enc, body = "utf-16", raw
+    else:
+        enc, body = "utf-8", raw
+    try:
+        return body.decode(enc)
+    except UnicodeDecodeError as e:
+        # Guessing Latin-1/cp1252 would "succeed" on any byte string and silently corrupt text that is
+        # really in some other encoding, so refuse and say how to fix it.
+        line = body[: e.start].count(b"\n") + 1
+        raise CleanError(
+            f"{path}: not valid {enc.upper()} at byte {e.start} (line {line}): {body[e.start:e.start + 1]!r}. "
+            "The file is probably Latin-1/cp1252 or another legacy encoding; re-save it as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+
+
+def _to_py(value: Any) -> Any:
+    """Parquet/numpy containers -> plain Python lists/dicts, recursively."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _to_py(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_py(v) for v in value]
+    return value
+
+
+def _cell_to_str(value: Any) -> Any:
+    value = _to_py(value)
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return value  # chat turns; parsed later
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _stringify(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df.columns = [str(c) for c in df.columns]
+    for col in df.columns:
+        df[col] = pd.Series([_cell_to_str(v) for v in df[col].tolist()], index=df.index, dtype=object)
+    return df.reset_index(drop=True)
+
+
+def _records_frame(path: Path, records: list, what: str) -> pd.DataFrame:
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict):
+            raise CleanError(f"{path}: {what} {i} is a {type(rec).__name__}, expected an object with named fields")
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+
+
+def _explain_csv_error(msg: str) -> str:
+    """Restate pandas' parser errors in record numbers (1-based, header not counted), the same
+    numbering as the `row` column, because pandas counts from the header and says "row"/"line" for both."""
+    msg = msg.strip()
+    m = re.search(r"EOF inside string starting at row (\d+)", msg)
+    if m:
+        return f"unbalanced quote: the quoted field in record {int(m.group(1))} is never closed ({msg})"
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
+    if m:
+        want, line, got = (int(g) for g in m.groups())
+        return f"record {line - 1} has {got} fields but the header has {want} ({msg})"
+    return msg
+
+
+def read_table(path) -> pd.DataFrame:
+    """Read CSV/TSV, JSON, JSONL/NDJSON or Parquet into a DataFrame whose text cells are all `str`.
+
+    Missing values become "" (never NaN), and literal strings such as "nan", "None" or "NA" are kept as
+    written. Chat columns (lists of turns) keep their list values. Rows are records: for CSV the header
+    is not counted, for JSONL blank lines are not counted.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq"}:
+        raise CleanError(
+            f"{path}: unsupported file extension {suffix or '(none)'!r}; "
+            "use .csv, .tsv, .json, .jsonl, .ndjson or .parquet"
+        )
+    if not path.exists():
+        raise CleanError(f"{path}: file not found")
+
+    if suffix in {".parquet", ".pq"}:
+        try:
+            df = pq.read_table(path).to_pandas()
+        except Exception as e:  # pyarrow raises several unrelated types for a broken file
+            raise CleanError(f"{path}: could not read Parquet: {e}") from None
+        return _stringify(df)
+
+    raw = path.read_bytes()
+    text = _decode(path, raw)
+    if not text.strip():
+        raise CleanError(f"{path}: file is empty")
+
+    if suffix in {".csv", ".tsv"}:
+        try:
+            df = pd.read_csv(
+                io.StringIO(text),
+                sep="\t" if suffix == ".tsv" else ",",
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                engine="c",
+            )
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise CleanError(f"{path}: could not parse {suffix[1:].upper()}: {_explain_csv_error(str(e))}") from None
+        return _stringify(df)
+
+    if suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CleanError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if isinstance(obj, list):
+            return _stringify(_records_frame(path, obj, "record"))
+        if isinstance(obj, dict):
+            lists = {k: v for k, v in obj.items() if isinstance(v, list)}
+            if len(lists) != len(obj) or not obj:
+                raise CleanError(f"{path}: a JSON object must map every column name to a list of values")
+            lengths = {k: len(v) for k, v in lists.items()}
+            if len(set(lengths.values())) > 1:
+                raise CleanError(f"{path}: JSON columns have different lengths: {lengths}")
+            return _stringify(pd.DataFrame(lists))
+        raise CleanError(f"{path}: JSON must be an array of objects or an object of lists, got {type(obj).__name__}")
+
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CleanError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(rec, dict):
+            raise CleanError(f"{path}: line {lineno} is a {type(rec).__name__}, expected a JSON object")
+        records.append(rec)
+    return _stringify(_records_frame(path, records, "record"))
+
+
+# --------------------------------------------------------------------------------------------- columns
+
+def resolve_columns(df: pd.DataFrame, columns: dict | None, source: str) -> dict[str, str]:
+    """Map canonical names to the file's columns.
+
+    Alpaca-style data gives {"instruction", "input", "output"} (input may be missing: it is then
+    optional and absent from the mapping). Chat data gives {"messages": <column>} for a `messages`
+    (role/content) or `conversations` (ShareGPT from/value) column. `columns` (from the config's
+    data.columns) may name any of instruction/input/output/messages; the rest are auto-detected.
+    """
+    columns = {k: v for k, v in (columns or {}).items() if v}
+    unknown = set(columns) - set(CANONICAL) - {"messages"}
+    if unknown:
+        raise CleanError(
+            f"{source}: unknown key(s) in data.columns: {sorted(unknown)}; "
+            "allowed: instruction, input, output, messages"
+        )
+    found = [str(c) for c in df.columns]
+    for key, col in columns.items():
+        if col not in found:
+            raise CleanError(
+                f"{source}: data.columns.{key} is {col!r}, but the file has no such column; "
+                f"columns found: {found}"
+            )
+    lower = {c.strip().lower(): c for c in reversed(found)}  # first spelling wins on case clashes
+
+    if "messages" in columns:
+        return {"messages": columns["messages"]}
+
+    mapping: dict[str, str] = {}
+    for key in CANONICAL:
+        if key in columns:
+            mapping[key] = columns[key]
+            continue
+        for cand in AUTO_COLUMNS[key]:
+            if cand in lower:
+                mapping[key] = lower[cand]
+                break
+
+    if "instruction" in mapping and "output" in mapping:
+        return mapping
+    if not set(columns) & set(CANONICAL):
+        for cand in CHAT_COLUMNS:
+            if cand in lower:
+                return {"messages": lower[cand]}
+
+    missing = next(k for k in ("instruction", "output") if k not in mapping)
+    raise CleanError(
+        f"{source}: cannot find the {missing!r} column; columns found: {found}. "
+        f"Set data.columns.{missing} in the config to the column that holds it "
+        f"(auto-detected names: {', '.join(AUTO_COLUMNS[missing])}; chat data needs a "
+        f"'messages' or 'conversations' column)."
+    )
+
+
+# --------------------------------------------------------------------------------------------- text
+
+def _mojibake_score(s: str) -> int:
+    return len(_MOJIBAKE.findall(s))
+
+
+def _repair_mojibake(s: str) -> str:
+    """Undo UTF-8 text that was decoded as cp1252/latin-1 (at most twice over); else return s as is.
+
+    A repair is accepted only when re-encoding round-trips exactly and leaves fewer suspicious pairs,
+    so genuine text such as "café" or "Ã la carte" is never touched by mistake.
+    """
+    for _ in range(2):
+        score = _mojibake_score(s)
+        if not score:
+            break
+        best = None
+        for enc in ("cp1252", "latin-1"):
+            try:
+                cand = s.encode(enc).decode("utf-8")
+            except (UnicodeEncodeError, UnicodeDecodeError):
+                continue
+            if _mojibake_score(cand) < score:
+                best = cand
+                break
+        if best is None:
+            break
+        s = best
+    return s
+
+
+def _normalise(s: Any) -> tuple[str, bool]:
+    """Returns (normalised text, whether mojibake was repaired)."""
+    if not isinstance(s, str):
+        s = "" if s is None else str(s)
+    s = s.replace("\r\n", "\n").replace("\r", "\n")
+    s = _ZERO_WIDTH.sub("", s)
+    fixed = _repair_mojibake(s)
+    repaired = fixed != s
+    s = unicodedata.normalize("NFC", fixed)
+    return s.strip(), repaired
+
+
+def _raw_str(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return ""
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else str(v)
+
+
+def _split_of(instruction: str, input_: str, output: str, eval_fraction: float) -> str:
+    digest = hashlib.sha256(f"{instruction}\x1f{input_}\x1f{output}".encode("utf-8")).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+
+
+def _parse_chat(value: Any) -> tuple[list[dict] | None, str, int]:
+    """(normalised turns up to the last assistant turn, or None with a reason; mojibake repairs)."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None, "no turns", 0
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            return None, f"messages is not valid JSON: {e.msg}", 0
+    if not isinstance(value, list) or not value:
+        return None, "no turns", 0
+    turns, repairs = [], 0
+    for i, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict):
+            return None, f"turn {i} is not an object", 0
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            return None, f"turn {i} lacks role/content (or from/value)", 0
+        role_n = str(role).strip().lower()
+        role_n = ROLE_MAP.get(role_n, role_n)
+        text, fixed = _normalise(content if isinstance(content, str) else _raw_str(content))
+        repairs += fixed
+        turns.append({"role": role_n, "content": text})
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        return None, "no assistant turn", 0
+    return turns[: last + 1], "", repairs
+
+
+# --------------------------------------------------------------------------------------------- cleaning
+
+def clean_table(
+    df: pd.DataFrame,
+    *,
+    source: str,
+    columns: dict | None = None,
+    placeholders: list[str] = DEFAULT_PLACEHOLDERS,
+    max_chars: int = 8000,
+    eval_fraction: float = 0.1,
+) -> CleanResult:
+    """Normalise, reject and split the rows of `df` (as returned by :func:`read_table`).
+
+    The split hashes the normalised content, so it is stable across re-runs and appends. With a tiny
+    dataset the hash may put no row in eval even though eval_fraction > 0; that is deliberate, since
+    forcing one would make a row's split depend on the rest of the file.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+    if max_chars <= 0:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    mapping = resolve_columns(df, columns, source)
+    chat = "messages" in mapping
+    placeholder_set = {p.strip().lower() for p in placeholders}
+
+    kept, rejected = [], []
+    first_seen: dict[tuple, int] = {}
+    placeholders_emptied = mojibake_repaired = 0
+    records = df.to_dict("records")
+
+    for i, rec in enumerate(records, start=1):
+        if chat:
+            raw_messages = rec.get(mapping["messages"])
+            raw = {"instruction": "", "input": "", "output": "", "messages": _raw_str(raw_messages)}
+        else:
+            raw = {k: _raw_str(rec.get(mapping[k], "")) if k in mapping else "" for k in CANONICAL}
+            raw["messages"] = ""
+
+        def reject(reason: str, detail: str = "") -> None:
+            rejected.append({"row": i, "reason": reason, "detail": detail, **raw})
+
+        if chat:
+            turns, why, fixes = _parse_chat(raw_messages)
+            if turns is None:
+                reject("bad_chat", why)
+                continue
+            mojibake_repaired += fixes
+            last_user = next((t["content"] for t in reversed(turns[:-1]) if t["role"] == "user"), "")
+            instruction, input_, output = last_user, "", turns[-1]["content"]
+            raw.update(instruction=instruction, output=output)
+            messages = json.dumps(turns, ensure_ascii=False)
+            length = sum(len(t["content"]) for t in turns)  # the whole conversation is trained on
+            key: tuple = ("chat", messages)
+        else:
+            values = {}
+            for k in CANONICAL:
+                values[k], fixed = _normalise(raw[k])
+                mojibake_repaired += fixed
+            instruction, input_, output = values["instruction"], values["input"], values["output"]
+            if input_ and input_.lower() in placeholder_set:
+                input_ = ""
+                placeholders_emptied += 1
+            messages = ""
+            length = len(instruction) + len(input_) + len(output)
+            key = ("alpaca", instruction, input_, output)
+
+        if not instruction:
+            reject("empty_instruction", "no user turn before the last assistant turn" if chat else "")
+            continue
+        if not output:
+            reject("empty_output")
+            continue
+        if length > max_chars:
+            reject("too_long", f"{length} characters > max_chars {max_chars}")
+            continue
+        if key in first_seen:
+            reject("duplicate", f"duplicate of row {first_seen[key]}")
+            continue
+        first_seen[key] = i
+        kept.append({
+            "row": i, "instruction": instruction, "input": input_, "output": output, "messages": messages,
+            "split": _split_of(instruction, input_, output, eval_fraction),
+        })
+
+    kept_df = pd.DataFrame(kept, columns=KEPT_COLUMNS)
+    kept_df["row"] = kept_df["row"].astype("int64")
+    rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    rejected_df["row"] = rejected_df["row"].astype("int64")
+
+    rows_in = len(records)
+    assert rows_in == len(kept_df) + len(rejected_df), (rows_in, len(kept_df), len(rejected_df))
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    splits = {"train": int((kept_df["split"] == "train").sum()), "eval": int((kept_df["split"] == "eval").sum())}
+    report = {
+        "source": str(source),
+        "rows_in": rows_in,
+        "rows_kept": len(kept_df),
+        "rows_rejected": len(rejected_df),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "splits": splits,
+        "columns": mapping,
+        "placeholders_emptied": placeholders_emptied,
+        "mojibake_repaired": mojibake_repaired,
+    }
+    return CleanResult(kept=kept_df, rejected=rejected_df, report=report)
+
+
+def run_clean(path, out_clean, out_rejected, out_report, **kwargs) -> CleanResult:
+    """Read `path`, clean it, and write kept rows (Parquet), rejected rows (Parquet) and the report (JSON).
+
+    kwargs go to :func:`clean_table` (columns, placeholders, max_chars, eval_fraction).
+    """
+    df = read_table(path)
+    result = clean_table(df, source=str(path), **kwargs)
+    write_parquet(out_clean, result.kept)
+    write_parquet(out_rejected, result.rejected)
+    write_json(out_report, result.report)
+    return result
