@@ -1,0 +1,385 @@
+"""Evaluate a causal LM on the eval split: response-only loss / perplexity over every eval example,
+and greedy generations for the first ``max_samples`` prompts scored by exact match and ROUGE-L.
+
+Snakemake calls these functions from ``run:`` blocks; there is no CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+import torch
+
+from .device import autocast, bf16_supported, pick_device
+from .examples import IGNORE_INDEX, Examples
+from .io import read_json, read_parquet, write_json, write_parquet
+from .loss import response_loss_sum
+from .report import md_table, write_text
+
+METRIC_KEYS = (
+    "eval_loss",
+    "perplexity",
+    "exact_match",
+    "rouge_l",
+    "n",
+    "n_loss_rows",
+    "n_loss_tokens",
+    "generation_seconds",
+    "generation_tokens_per_s",
+)
+
+
+# --------------------------------------------------------------------------------------- scoring
+def normalize(text: str) -> str:
+    """Strip and collapse internal whitespace (case and punctuation are kept)."""
+    return " ".join(str(text).split())
+
+
+_SCORER = None
+
+
+def _rouge_scorer():
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        # rouge_score's default tokenizer lower-cases and keeps only ASCII letters and digits
+        # (everything else is a separator and non-ASCII text vanishes). For the demo data, numbers
+        # and English words, that is fine; for other scripts pass a custom tokenizer here.
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"])
+    return _SCORER
+
+
+def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Exact match and ROUGE-L F1 of predictions against references.
+
+    Returns ``{"exact_match": mean, "rouge_l": mean, "n": count, "exact": [bool], "rouge_l_each": [float]}``;
+    the means are None when there is nothing to score. A normalised exact match always scores
+    ROUGE-L 1.0 (rouge_score alone gives 0.0 when both sides tokenise to nothing).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = _rouge_scorer()
+    exact: list[bool] = []
+    rouge: list[float] = []
+    for pred, ref in zip(predictions, references):
+        p, r = normalize(pred), normalize(ref)
+        same = p == r
+        exact.append(same)
+        rouge.append(1.0 if same else float(scorer.score(r, p)["rougeL"].fmeasure))
+    n = len(exact)
+    return {
+        "exact_match": (sum(exact) / n) if n else None,
+        "rouge_l": (sum(rouge) / n) if n else None,
+        "n": n,
+        "exact": exact,
+        "rouge_l_each": rouge,
+    }
+
+
+# ---------------------------------------------------------------------------------- model loading
+def _resolve_bf16(dtype: str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast. Weights stay fp32 in every case."""
+    dtype = str(dtype).lower()
+    if dtype in ("auto",):
+        return bf16_supported(device)
+    if dtype in ("float32", "fp32", "32"):
+        return False
+    if dtype in ("bfloat16", "bf16"):
+        return True
+    raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', not {dtype!r}")
+
+
+def load_model(model_dir: str | os.PathLike, device: torch.device | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ loss
+def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield list(order[start : start + batch_size])
+
+
+@torch.inference_mode()
+def eval_loss(model, examples: Examples, *, batch_size: int = 16, use_bf16: bool = False) -> dict[str, Any]:
+    """Mean CE over every labelled (response + EOS) token of ``examples``: right-padded,
+    length-sorted batches, summed per batch and divided by the total count once at the end."""
+    device = next(model.parameters()).device
+    pad = examples.pad_token_id
+    lengths = examples.lengths.tolist()
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    total = 0.0
+    count = 0
+    rows = 0
+    for idx in _batches(order, batch_size):
+        width = max(lengths[i] for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
+        for b, i in enumerate(idx):
+            x, y = examples.get(i)
+            ids[b, : len(x)] = x.long()
+            labels[b, : len(y)] = y.long()
+        with autocast(device, enabled=use_bf16):
+            loss_sum, n = response_loss_sum(model, ids.to(device), labels.to(device))
+        total += float(loss_sum)
+        count += n
+        rows += sum(1 for b in range(len(idx)) if bool((labels[b, 1:] != IGNORE_INDEX).any()))
+    mean = total / count if count else float("nan")
+    return {"eval_loss": mean, "n_loss_rows": rows, "n_loss_tokens": count}
+
+
+# ------------------------------------------------------------------------------------ generation
+def _eos_ids(examples: Examples, model) -> list[int]:
+    ids: list[int] = []
+    if "eos_token_id" in examples.metadata:
+        ids.append(examples.eos_token_id)
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    if cfg_eos is not None:
+        ids.extend(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos])
+    out: list[int] = []
+    for i in ids:
+        if int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: Sequence[torch.Tensor],
+    *,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    use_bf16: bool = False,
+) -> tuple[list[list[int]], float]:
+    """Greedy continuations of ``prompts`` (1-D token tensors), in input order.
+
+    Batches are length-sorted and LEFT-padded with an attention mask. Each returned list holds the
+    new tokens up to (not including) the first EOS. Also returns the seconds spent in generate.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    gen_cfg = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=int(pad_token_id),
+        bos_token_id=getattr(model.generation_config, "bos_token_id", None),
+        use_cache=True,
+    )
+    eos = set(int(e) for e in eos_token_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[int] | None] = [None] * len(prompts)
+    seconds = 0.0
+    for idx in _batches(order, batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            p = prompts[i].long()
+            ids[b, width - len(p) :] = p
+            mask[b, width - len(p) :] = 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        # transformers 5 merges the model's own generation_config (e.g. a checkpoint's sampling
+        # temperature/top_p, max_length) into the one passed in, which warns and could override
+        # what we set; swapping ours in for the call makes greedy decoding exactly what we ask for.
+        saved_cfg = model.generation_config
+        model.generation_config = copy.deepcopy(gen_cfg)
+        try:
+            with autocast(device, enabled=use_bf16):
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=copy.deepcopy(gen_cfg),
+                )
+        finally:
+            model.generation_config = saved_cfg
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        new = out[:, width:].tolist()
+        for b, i in enumerate(idx):
+            toks: list[int] = []
+            for t in new[b]:
+                if t in eos:
+                    break
+                toks.append(t)
+            results[i] = toks
+    return [r or [] for r in results], seconds
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike,
+    examples_path: str | os.PathLike,
+    prompts_path: str | os.PathLike,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_samples: int | None = 200,
+    dtype: str = "auto",
+) -> tuple[dict, pd.DataFrame]:
+    """Loss/perplexity over all eval examples and greedy-generation scores over the first
+    ``max_samples`` of them. Returns (metrics dict, per-sample DataFrame)."""
+    device = pick_device()
+    use_bf16 = _resolve_bf16(dtype, device)
+    model, tokenizer = load_model(model_dir, device)
+    examples = Examples.load(examples_path)
+
+    loss = eval_loss(model, examples, batch_size=batch_size, use_bf16=use_bf16)
+
+    texts = read_parquet(prompts_path)
+    missing_cols = {"row", "prompt", "response"} - set(texts.columns)
+    if missing_cols:
+        raise ValueError(f"{prompts_path} lacks columns {sorted(missing_cols)}")
+    if texts["row"].duplicated().any():
+        raise ValueError(f"{prompts_path} has duplicate row ids")
+    texts = texts.set_index("row")
+
+    n_gen = len(examples) if max_samples is None else min(int(max_samples), len(examples))
+    rows = [int(r) for r in examples.row[:n_gen].tolist()]
+    absent = [r for r in rows if r not in texts.index]
+    if absent:
+        raise KeyError(f"rows {absent[:10]} of {examples_path} are not in {prompts_path}")
+
+    pad_id = examples.pad_token_id if "pad_token_id" in examples.metadata else tokenizer.pad_token_id
+    generated, seconds = generate(
+        model,
+        [examples.prompt(i) for i in range(n_gen)],
+        eos_token_ids=_eos_ids(examples, model),
+        pad_token_id=int(pad_id),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        use_bf16=use_bf16,
+    )
+    predictions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in generated]
+    references = [_text(texts.at[r, "response"]) for r in rows]
+    scores = score(predictions, references)
+    n_new = sum(len(t) for t in generated)
+
+    samples = pd.DataFrame(
+        {
+            "row": pd.Series(rows, dtype="int64"),
+            "prompt": pd.Series([_text(texts.at[r, "prompt"]) for r in rows], dtype="object"),
+            "reference": pd.Series(references, dtype="object"),
+            "prediction": pd.Series(predictions, dtype="object"),
+            "exact": pd.Series(scores["exact"], dtype="bool"),
+            "rouge_l": pd.Series(scores["rouge_l_each"], dtype="float64"),
+        }
+    )
+    eval_loss_value = loss["eval_loss"]
+    try:
+        perplexity = math.exp(eval_loss_value)
+    except OverflowError:
+        perplexity = float("inf")
+    metrics = {
+        "eval_loss": eval_loss_value,
+        "perplexity": perplexity,
+        "exact_match": scores["exact_match"],
+        "rouge_l": scores["rouge_l"],
+        "n": n_gen,
+        "n_loss_rows": loss["n_loss_rows"],
+        "n_loss_tokens": loss["n_loss_tokens"],
+        "generation_seconds": seconds,
+        "generation_tokens_per_s": (n_new / seconds) if seconds > 0 else None,
+    }
+    return metrics, samples
+
+
+def run_evaluate(
+    model_dir,
+    examples_path,
+    prompts_path,
+    out_metrics,
+    out_samples,
+    **kw,
+) -> dict:
+    """evaluate_model, then write the metrics JSON (non-finite numbers as null) and samples Parquet."""
+    metrics, samples = evaluate_model(model_dir, examples_path, prompts_path, **kw)
+    metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
+    write_parquet(out_samples, samples)
+    write_json(out_metrics, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------- combine
+def _delta(base, tuned):
+    numeric = (int, float)
+    if isinstance(base, bool) or isinstance(tuned, bool):
+        return None
+    if isinstance(base, numeric) and isinstance(tuned, numeric):
+        return _finite_or_none(tuned - base)
+    return None
+
+
+def _truncate(text: str, limit: int = 200) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def combine(
+    base_metrics_path,
+    tuned_metrics_path,
+    base_samples_path,
+    tuned_samples_path,
+    out_metrics,
+    out_samples_md,
+) -> dict:
+    """Write {"base", "tuned", "delta"} metrics JSON and a side-by-side Markdown samples table."""
+    base = read_json(base_metrics_path)
+    tuned = read_json(tuned_metrics_path)
+    keys = [k for k in base if k in tuned] + [k for k in tuned if k not in base]
+    delta = {k: _delta(base.get(k), tuned.get(k)) for k in keys}
+    combined = {"base": base, "tuned": tuned, "delta": delta}
+    write_json(out_metrics, combined)
+
+    b = read_parquet(base_samples_path)
+    t = read_parquet(tuned_samples_path)
+    merged = b.merge(
+        t[["row", "prediction"]].rename(columns={"prediction": "tuned"}),
+        on="row",
+        how="outer",
+        sort=False,
+    )
+    # Outer merge keeps base order first; fill prompt/reference of tuned-only rows from tuned.
+    if len(merged) and merged["prompt"].isna().any():
+        extra = t.set_index("row")
+        for col in ("prompt", "reference"):
+            merged[col] = merged[col].fillna(merged["row"].map(extra[col]))
+    rows = [
+        [int(r.row), _truncate(r.prompt if isinstance(r.prompt, str) else ""), r.reference, r.prediction, r.tuned]
+        for r in merged.itertuples(index=False)
+    ]
+    md = md_table(["row", "prompt", "reference", "base", "tuned"], rows) if rows else "_No samples._\n"
+    write_text(out_samples_md, md)
+    return combined

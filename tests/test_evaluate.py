@@ -1,0 +1,244 @@
+"""Evaluation on a tiny random Llama + WordLevel tokenizer built in the test (no Hub access)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from instructflow.evaluate import (
+    METRIC_KEYS,
+    combine,
+    eval_loss,
+    evaluate_model,
+    generate,
+    load_model,
+    normalize,
+    run_evaluate,
+    score,
+)
+from instructflow.examples import IGNORE_INDEX, Examples
+from instructflow.io import read_json, read_parquet, write_parquet
+
+PAD, EOS, UNK = 0, 1, 2
+N_ROWS = 11
+
+
+def _build_model_dir(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK}
+    for w in [f"w{i}" for i in range(40)]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.3,  # decisive logits: greedy choices are not near-ties
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    return len(vocab)
+
+
+def _write_data(tmp_path, vocab_size, responses=None):
+    g = torch.Generator().manual_seed(1)
+    rows, row_ids, prompt_lengths, texts = [], [], [], []
+    for i in range(N_ROWS):
+        p_len = int(torch.randint(2, 9, (1,), generator=g))
+        r_len = int(torch.randint(1, 5, (1,), generator=g))
+        prompt = torch.randint(3, vocab_size, (p_len,), generator=g).tolist()
+        resp = torch.randint(3, vocab_size, (r_len,), generator=g).tolist()
+        ids = prompt + resp + [EOS]
+        labels = [IGNORE_INDEX] * p_len + resp + [EOS]
+        rows.append((ids, labels))
+        row_ids.append(100 + 7 * i)
+        prompt_lengths.append(p_len)
+        texts.append((" ".join(f"w{t - 3}" for t in prompt), " ".join(f"w{t - 3}" for t in resp)))
+    ex = Examples.from_rows(rows, row_ids, prompt_lengths, {"eos_token_id": EOS, "pad_token_id": PAD})
+    ex_path = tmp_path / "eval.safetensors"
+    ex.save(ex_path)
+    df = pd.DataFrame(
+        {
+            "row": row_ids[::-1],  # a different order than the token file: the join must use `row`
+            "prompt": [t[0] for t in texts][::-1],
+            "response": (responses if responses is not None else [t[1] for t in texts])[::-1],
+            "split": ["eval"] * N_ROWS,
+        }
+    )
+    prompts_path = tmp_path / "prompts.parquet"
+    write_parquet(prompts_path, df)
+    return ex_path, prompts_path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    model_dir = tmp / "model"
+    vocab_size = _build_model_dir(model_dir)
+    ex_path, prompts_path = _write_data(tmp, vocab_size)
+    metrics, samples = evaluate_model(
+        model_dir, ex_path, prompts_path, max_new_tokens=6, batch_size=4, max_samples=9, dtype="float32"
+    )
+    return dict(tmp=tmp, model_dir=model_dir, vocab_size=vocab_size, ex_path=ex_path,
+                prompts_path=prompts_path, metrics=metrics, samples=samples)
+
+
+def test_score_unit():
+    s = score(["  a  b\n c ", "x y", "p q r", "", "Δ"], ["a b c", "x z", "p q r s", "", "Δ"])
+    assert s["n"] == 5
+    assert s["exact"] == [True, False, False, True, True]
+    assert s["exact_match"] == pytest.approx(3 / 5)
+    assert s["rouge_l_each"][0] == 1.0
+    assert s["rouge_l_each"][1] == pytest.approx(0.5)
+    # LCS 3 of pred 3 / ref 4 -> P=1, R=.75, F=6/7
+    assert s["rouge_l_each"][2] == pytest.approx(6 / 7)
+    assert s["rouge_l_each"][3] == 1.0 and s["rouge_l_each"][4] == 1.0  # exact match implies 1.0
+    assert s["rouge_l"] == pytest.approx(sum(s["rouge_l_each"]) / 5)
+    assert score([], []) == {"exact_match": None, "rouge_l": None, "n": 0, "exact": [], "rouge_l_each": []}
+    assert normalize(" a\t b \n") == "a b"
+    with pytest.raises(ValueError):
+        score(["a"], [])
+
+
+def test_metrics_and_samples(setup):
+    m, s = setup["metrics"], setup["samples"]
+    assert set(m) == set(METRIC_KEYS)
+    assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]), rel=1e-12)
+    assert 0.0 <= m["exact_match"] <= 1.0 and 0.0 <= m["rouge_l"] <= 1.0
+    assert m["n"] == 9 and len(s) == 9
+    assert m["n_loss_rows"] == N_ROWS
+    ex = Examples.load(setup["ex_path"])
+    assert m["n_loss_tokens"] == int((ex.labels != IGNORE_INDEX).sum())
+    assert m["generation_seconds"] > 0 and m["generation_tokens_per_s"] > 0
+    assert list(s.columns) == ["row", "prompt", "reference", "prediction", "exact", "rouge_l"]
+    assert s["row"].tolist() == ex.row[:9].tolist()  # file order, not prompt-length order
+    # joined on row: the prompt text is the decoded prompt tokens of that row
+    texts = read_parquet(setup["prompts_path"]).set_index("row")
+    for r, p in zip(s["row"], s["prompt"]):
+        assert p == texts.at[r, "prompt"]
+    assert s["exact"].dtype == bool
+    assert any(len(p) for p in s["prediction"])  # the random model does generate something
+
+
+def test_loss_matches_hand_computation(setup):
+    model, _ = load_model(setup["model_dir"], torch.device("cpu"))
+    ex = Examples.load(setup["ex_path"])
+    total, count = 0.0, 0
+    for i in range(len(ex)):
+        ids, labels = ex.get(i)
+        with torch.inference_mode():
+            out = model(input_ids=ids.long()[None], labels=labels.long()[None])
+        n = int((labels[1:] != IGNORE_INDEX).sum())
+        total += float(out.loss) * n
+        count += n
+        if i == 0:  # one row on its own
+            single = Examples.from_rows([(ids.tolist(), labels.tolist())], [0], [int(ex.prompt_lengths[0])],
+                                        dict(ex.metadata))
+            one = eval_loss(model, single, batch_size=1)
+            assert one["eval_loss"] == pytest.approx(float(out.loss), rel=1e-5)
+            assert one["n_loss_tokens"] == n
+    assert setup["metrics"]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_left_padded_batches_match_one_at_a_time(setup):
+    model, _ = load_model(setup["model_dir"], torch.device("cpu"))
+    ex = Examples.load(setup["ex_path"])
+    prompts = [ex.prompt(i) for i in range(len(ex))]
+    assert len({len(p) for p in prompts}) > 1  # padding really happens
+    kw = dict(eos_token_ids=[EOS], pad_token_id=PAD, max_new_tokens=8)
+    batched, _ = generate(model, prompts, batch_size=5, **kw)
+    single, _ = generate(model, prompts, batch_size=1, **kw)
+    assert batched == single
+    assert all(len(b) == 8 for b in batched if EOS not in b)
+
+    # Stop at EOS: declare row 0's first greedy token an EOS; row 0 then yields nothing, and the
+    # rows it shares a batch with are unaffected.
+    stop = single[0][0]
+    batched2, _ = generate(model, prompts, batch_size=len(prompts), eos_token_ids=[EOS, stop], pad_token_id=PAD,
+                           max_new_tokens=8)
+    # one-at-a-time greedy output cut at the first `stop` is what the batch must give
+    expected = [s[: s.index(stop)] if stop in s else s for s in single]
+    assert batched2[0] == [] and batched2 == expected
+    assert all(stop not in b for b in batched2)
+
+    # A checkpoint whose generation_config asks for sampling still decodes greedily, and its
+    # config is left as it was.
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 1.5
+    model.generation_config.max_length = 3
+    again, _ = generate(model, prompts, batch_size=len(prompts), **kw)
+    assert again == batched
+    assert model.generation_config.do_sample is True and model.generation_config.temperature == 1.5
+
+
+def test_exact_match_one_on_own_output(setup, tmp_path):
+    own = setup["samples"]["prediction"].tolist()
+    ex = Examples.load(setup["ex_path"])
+    # references := the model's own greedy output (rows past max_samples keep something else)
+    refs = own + ["unused"] * (N_ROWS - len(own))
+    ex_path, prompts_path = _write_data(tmp_path, setup["vocab_size"], responses=refs)
+    m, s = evaluate_model(setup["model_dir"], ex_path, prompts_path, max_new_tokens=6, batch_size=3,
+                          max_samples=9, dtype="float32")
+    assert m["exact_match"] == 1.0 and m["rouge_l"] == 1.0
+    assert s["exact"].all()
+    assert m["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=1e-5)  # batching-independent
+    assert len(ex) == N_ROWS
+
+
+def test_run_evaluate_combine_and_auto_dtype(setup, tmp_path):
+    d = setup["tmp"]
+    metrics = run_evaluate(setup["model_dir"], setup["ex_path"], setup["prompts_path"],
+                           tmp_path / "base.json", tmp_path / "base.parquet",
+                           max_new_tokens=4, batch_size=8, max_samples=5, dtype="auto")
+    assert read_json(tmp_path / "base.json") == metrics
+    assert set(metrics) == set(METRIC_KEYS) and metrics["n"] == 5
+    base = read_parquet(tmp_path / "base.parquet")
+    assert len(base) == 5
+
+    # a "tuned" run whose samples contain Markdown-hostile text
+    tuned = base.copy()
+    tuned.loc[0, "prediction"] = "a | b\nc"
+    tuned.loc[1, "prediction"] = "x" * 10
+    write_parquet(tmp_path / "tuned.parquet", tuned)
+    tuned_metrics = dict(metrics, eval_loss=metrics["eval_loss"] - 0.5, exact_match=1.0)
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned_metrics))
+    base_prompt = base.loc[0, "prompt"]
+    long_prompt_rows = base.copy()
+    long_prompt_rows.loc[0, "prompt"] = "p " * 300
+    write_parquet(tmp_path / "base.parquet", long_prompt_rows)
+
+    out = combine(tmp_path / "base.json", tmp_path / "tuned.json", tmp_path / "base.parquet",
+                  tmp_path / "tuned.parquet", tmp_path / "combined.json", tmp_path / "samples.md")
+    saved = read_json(tmp_path / "combined.json")
+    assert saved == out and set(saved) == {"base", "tuned", "delta"}
+    assert saved["delta"]["eval_loss"] == pytest.approx(-0.5)
+    assert saved["delta"]["exact_match"] == pytest.approx(1.0 - metrics["exact_match"])
+    assert saved["delta"]["n"] == 0
+    md = (tmp_path / "samples.md").read_text()
+    lines = md.strip().splitlines()
+    assert lines[0] == "| row | prompt | reference | base | tuned |"
+    assert len(lines) == 2 + 5
+    assert "a \\| b<br>c" in lines[2]
+    assert len(lines[2].split(" | ")) == 5  # the escaped pipe does not split the cell
+    assert "p " * 50 in lines[2] and "p " * 120 not in lines[2]  # prompt truncated
+    assert base_prompt  # unused otherwise
+    assert d.exists()
