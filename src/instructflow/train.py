@@ -1,0 +1,265 @@
+"""train stage: the training entry point that ``accelerate launch`` runs.
+
+One readable loop (nanoGPT-sized): cached token tensors in, a plain ``save_pretrained`` folder out.
+- The batch plan is a pure function of (seed, step), so every rank builds it alone and a resumed run
+  continues with the exact batches it would have seen.
+- The loss of an optimiser step is the summed cross-entropy over all labelled tokens of the global
+  batch divided by their count, so gradient accumulation and several processes give the gradient of
+  one large batch (a per-micro-batch mean would weight short answers more).
+- Logits are only built for labelled positions (see loss.py).
+- Checkpoints live in a work folder outside the rule's outputs (Snakemake deletes outputs before a
+  rerun), are written atomically and carry a fingerprint of settings + data.
+
+Run: accelerate launch -m instructflow.train --settings settings.json --model DIR --train TOKENS
+     --out MODEL_DIR --metrics metrics.jsonl --summary summary.json --workdir CHECKPOINTS
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .batching import BatchPlanner, collate
+from .checkpoint import latest_valid, save_checkpoint
+from .device import autocast, bf16_supported
+from .examples import Examples
+from .io import append_jsonl, read_jsonl, write_json
+from .loss import response_loss_sum
+
+DEFAULTS = {
+    "method": "full",
+    "learning_rate": 1e-4,
+    "max_steps": 100,
+    "batch_size": 16,
+    "micro_batch_size": 8,
+    "warmup_steps": 10,
+    "lr_scheduler": "cosine",
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+    "precision": "auto",
+    "packing": False,
+    "log_every": 5,
+    "checkpoint_every": 50,
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fingerprint(settings: dict, train_path: Path, model_dir: Path) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in (train_path, model_dir / "model.safetensors"):
+        stat = path.stat() if path.exists() else None
+        digest.update(f"{path.name}:{stat.st_size if stat else 0}:{stat.st_mtime_ns if stat else 0}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_model(model_dir: Path, settings: dict):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 trust_remote_code=settings.get("trust_remote_code", False))
+    model.config.use_cache = False
+    if settings["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = settings["lora"]
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    return model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def export(model, model_dir: Path, out_dir: Path, settings: dict) -> None:
+    """Write the tuned model as a plain folder that AutoModelForCausalLM loads; LoRA is merged."""
+    from transformers import AutoTokenizer
+
+    if settings["method"] == "lora":
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    if settings.get("template_path"):
+        shutil.copy(settings["template_path"], tmp / "instructflow_template.yaml")
+    write_json(tmp / "instructflow_training.json", settings)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, metrics_path: Path,
+          summary_path: Path, workdir: Path) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    settings = {**DEFAULTS, **settings, "lora": {**DEFAULTS["lora"], **settings.get("lora", {})}}
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "fp32": False}[settings["precision"]]
+    torch.manual_seed(settings["seed"])
+
+    examples = Examples.load(train_path)
+    planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
+                           world_size=world, seed=settings["seed"])
+    row_lengths = examples.lengths
+    model = build_model(model_dir, settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=settings["weight_decay"],
+                                  betas=(0.9, 0.95))
+    total = settings["max_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
+
+    fp = fingerprint(settings, train_path, model_dir)
+    log_path = workdir / "metrics.jsonl"
+    start_step, tokens, trained_tokens, elapsed_before = 0, 0, 0, 0.0
+    ckpt = latest_valid(workdir, fp, log=accelerator.print)
+    if ckpt:
+        missing = set(trainable_state(model)) - set(ckpt["trainable"])
+        if missing:
+            raise TrainingError(f"checkpoint {ckpt['step']} lacks weights {sorted(missing)[:3]}...")
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start_step = ckpt["step"]
+        tokens, trained_tokens = ckpt["extra"]["tokens"], ckpt["extra"]["trained_tokens"]
+        elapsed_before = ckpt["extra"]["elapsed_s"]
+        accelerator.print(f"resuming from checkpoint at step {start_step}")
+    if accelerator.is_main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_jsonl(log_path) if r["step"] <= start_step] if log_path.exists() and start_step else []
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    started = time.perf_counter()
+    window_loss, window_tokens = 0.0, 0
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not accelerator.is_main_process,
+               dynamic_ncols=True, mininterval=5)
+    for step in range(start_step, total):
+        plan = planner.step(step)
+        micro_batches = plan.micro_batches[rank]
+        step_loss = torch.zeros((), device=device)
+        for i, rows in enumerate(micro_batches):
+            batch = collate(examples, rows, pack=settings["packing"])
+            ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            pos = batch["position_ids"].to(device) if batch["position_ids"] is not None else None
+            # Only the last micro-batch of a step all-reduces gradients across processes.
+            sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(device, enabled=use_bf16):
+                    loss_sum, _ = response_loss_sum(model, ids, labels, pos)
+                # DDP averages gradients over ranks; scaling by world keeps the global token mean.
+                accelerator.backward(loss_sum * world / plan.trained_tokens)
+            step_loss += loss_sum.detach()
+            tokens += int(row_lengths[rows].sum())
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+        loss_value = float(step_loss) / plan.trained_tokens
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss became {loss_value} at step {step + 1}; the last good checkpoint in {workdir} "
+                                "is kept. Lower train.learning_rate or check the data.")
+        if settings["max_grad_norm"]:
+            accelerator.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        trained_tokens += plan.trained_tokens
+        window_loss += float(step_loss)
+        window_tokens += plan.trained_tokens
+        done = step + 1
+        bar.update(1)
+        if done % settings["log_every"] == 0 or done == total:
+            elapsed = elapsed_before + time.perf_counter() - started
+            all_tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum")) if world > 1 else tokens
+            record = {"step": done, "loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
+                      "tokens": all_tokens, "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 3)}
+            window_loss, window_tokens = 0.0, 0
+            if accelerator.is_main_process:
+                append_jsonl(log_path, [record])
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):.0f}")
+        if settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total:
+            if accelerator.is_main_process:
+                save_checkpoint(workdir, done, trainable=trainable_state(accelerator.unwrap_model(model)),
+                                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                                fingerprint=fp, extra={"tokens": tokens, "trained_tokens": trained_tokens,
+                                                       "elapsed_s": elapsed_before + time.perf_counter() - started})
+            accelerator.wait_for_everyone()
+    bar.close()
+    elapsed = elapsed_before + time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        export(accelerator.unwrap_model(model), model_dir, out_dir, settings)
+        shutil.copy(log_path, metrics_path)
+        summary = {"method": settings["method"], "steps": total, "resumed_from_step": start_step,
+                   "processes": world, "device": str(device), "bf16": use_bf16, "packing": settings["packing"],
+                   "trainable_parameters": sum(p.numel() for p in params),
+                   "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 2),
+                   "trained_tokens_per_s": round(trained_tokens / max(elapsed, 1e-9), 2),
+                   "peak_rss_mb": round(peak_rss_mb(), 1)}
+        write_json(summary_path, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", required=True, help="JSON string or path to a JSON file of train settings")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--train", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path)
+    parser.add_argument("--summary", required=True, type=Path)
+    parser.add_argument("--workdir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    text = args.settings
+    settings = json.loads(Path(text).read_text() if not text.lstrip().startswith("{") else text)
+    try:
+        train(settings, model_dir=args.model, train_path=args.train, out_dir=args.out, metrics_path=args.metrics,
+              summary_path=args.summary, workdir=args.workdir)
+    except TrainingError as err:
+        print(f"instructflow train: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
