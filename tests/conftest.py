@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny random GPT-2 / GPT-NeoX / LLaMA models,
+built offline in the test session so every stage runs in seconds without the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO / ".test" / "data" / "instructions.csv"
+ARCHS = ("gpt2", "gpt_neox", "llama")
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+# A minimal chat template in the shape real ones have: role markers, generation prompt at the end.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    """Text the BPE merges are learnt from; byte-level BPE still encodes any other text (byte fallback)."""
+    templates = [p.read_text(encoding="utf-8") for p in (REPO / "resources" / "templates").glob("*.yaml")]
+    table = pd.read_csv(TEST_DATA, keep_default_na=False)
+    return templates + [" ".join(row) for row in table.astype(str).itertuples(index=False)]
+
+
+def build_tokenizer(pad_is_eos: bool = False, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS if pad_is_eos else PAD,
+                                   unk_token=None, chat_template=CHAT_TEMPLATE)
+
+
+def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=512, **common)
+    elif arch == "llama":
+        config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=512, **common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """arch -> a save_pretrained folder (safetensors + tokenizer with a chat template), built once."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in built:
+            tok = build_tokenizer()
+            model = build_model(arch, len(tok), tok.eos_token_id, tok.pad_token_id)
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(folder, safe_serialization=True)
+            tok.save_pretrained(folder)
+            built[arch] = folder
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def test_rows() -> pd.DataFrame:
+    return pd.read_csv(TEST_DATA, keep_default_na=False)
+
+
+@pytest.fixture(scope="session")
+def clean_rows() -> pd.DataFrame:
+    """The .test rows after the clean stage (row, instruction, input, output, messages, split)."""
+    from instructflow.clean import clean_table, read_table
+
+    return clean_table(read_table(TEST_DATA), source=str(TEST_DATA), eval_fraction=0.2).kept
+
+
+@pytest.fixture(scope="session")
+def alpaca_prompts(clean_rows) -> pd.DataFrame:
+    from instructflow.render import render_prompts
+    from instructflow.templates import load_template
+
+    return render_prompts(clean_rows, load_template(REPO / "resources" / "templates" / "alpaca.yaml"))

@@ -1,0 +1,45 @@
+"""render stage: cleaned rows -> prompt/response Parquet."""
+
+from __future__ import annotations
+
+from instructflow.io import read_parquet, write_parquet
+from instructflow.render import render_prompts, run_render
+from instructflow.templates import load_template, render_row
+
+from conftest import REPO
+
+TEMPLATES = REPO / "resources" / "templates"
+
+
+def test_render_prompts_keeps_rows_splits_and_order(clean_rows, alpaca_prompts):
+    assert list(alpaca_prompts.columns) == ["row", "prompt", "response", "split"]
+    assert alpaca_prompts["row"].tolist() == clean_rows["row"].tolist()
+    assert alpaca_prompts["split"].tolist() == clean_rows["split"].tolist()
+    template = load_template(TEMPLATES / "alpaca.yaml")
+    for (_, row), (_, out) in zip(clean_rows.iterrows(), alpaca_prompts.iterrows()):
+        assert (out["prompt"], out["response"]) == render_row(template, row["instruction"], row["input"], row["output"])
+    # The data has rows with and without input, so both variants are exercised.
+    assert alpaca_prompts["prompt"].str.contains("### Input:").any()
+    assert (~alpaca_prompts["prompt"].str.contains("### Input:")).any()
+
+
+def test_run_render_chat_template_reads_the_models_tokenizer(tmp_path, clean_rows, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    write_parquet(tmp_path / "clean.parquet", clean_rows)
+    model_dir = tiny_model_dir("llama")
+    run_render(tmp_path / "clean.parquet", TEMPLATES / "chat.yaml", tmp_path / "chat.parquet", model_dir=model_dir)
+    out = read_parquet(tmp_path / "chat.parquet")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    first = clean_rows.iloc[0]
+    user = first["instruction"] + (f"\n\n{first['input']}" if first["input"] else "")
+    assert out["prompt"].iloc[0] == tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                            add_generation_prompt=True)
+    assert out["response"].tolist() == clean_rows["output"].tolist()
+
+
+def test_run_render_file_template_needs_no_model(tmp_path, clean_rows):
+    write_parquet(tmp_path / "clean.parquet", clean_rows)
+    rendered = run_render(tmp_path / "clean.parquet", TEMPLATES / "alpaca_pl.yaml", tmp_path / "pl.parquet")
+    assert read_parquet(tmp_path / "pl.parquet").equals(rendered)
+    assert rendered["prompt"].str.startswith("Poniżej").all()
