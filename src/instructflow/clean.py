@@ -10,6 +10,7 @@ No Snakemake here: the workflow rule is a thin call into :func:`run_clean`.
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
 import io
 import json
@@ -86,11 +87,31 @@ def _decode(path: Path, raw: bytes) -> str:
         # Guessing Latin-1/cp1252 would "succeed" on any byte string and silently corrupt text that is
         # really in some other encoding, so refuse and say how to fix it.
         line = body[: e.start].count(b"\n") + 1
+        where = ""
+        if path.suffix.lower() in {".csv", ".tsv"}:
+            prefix = body[: e.start].decode(enc, errors="replace")
+            where = f", {_csv_position(prefix, _sep(path))}"
         raise CleanError(
-            f"{path}: not valid {enc.upper()} at byte {e.start} (line {line}): {body[e.start:e.start + 1]!r}. "
-            "The file is probably Latin-1/cp1252 or another legacy encoding; re-save it as UTF-8 "
-            "(e.g. `iconv -f latin1 -t utf-8`)."
+            f"{path}: not valid {enc.upper()} at byte {e.start} (line {line}{where}): "
+            f"{body[e.start:e.start + 1]!r}. The file is probably Latin-1/cp1252 or another legacy encoding; "
+            "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
         ) from None
+
+
+def _sep(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _csv_position(text: str, sep: str) -> str:
+    """"record N, column 'name'" for the field that `text` (a file's beginning) ends inside: the csv
+    module reads a field cut off mid-quote as a field, so the last parsed record locates it."""
+    rows = list(csv.reader(io.StringIO(text), delimiter=sep))
+    if len(rows) < 2:
+        return "in the header"
+    header, last = rows[0], rows[-1]
+    index = max(len(last) - 1, 0)
+    column = repr(header[index]) if index < len(header) else f"{index + 1} (past the last header column)"
+    return f"record {len(rows) - 1}, column {column}"
 
 
 def _to_py(value: Any) -> Any:
@@ -136,17 +157,22 @@ def _records_frame(path: Path, records: list, what: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(records) if records else pd.DataFrame()
 
 
-def _explain_csv_error(msg: str) -> str:
+def _explain_csv_error(msg: str, text: str, sep: str) -> str:
     """Restate pandas' parser errors in record numbers (1-based, header not counted), the same
-    numbering as the `row` column, because pandas counts from the header and says "row"/"line" for both."""
+    numbering as the `row` column, because pandas counts from the header and says "row"/"line" for both;
+    name the column and say how to fix the file."""
     msg = msg.strip()
     m = re.search(r"EOF inside string starting at row (\d+)", msg)
     if m:
-        return f"unbalanced quote: the quoted field in record {int(m.group(1))} is never closed ({msg})"
+        return (f"unbalanced quote: the quoted field in record {int(m.group(1))} is never closed "
+                f"({_csv_position(text, sep)}). Close the quote, or write a quote inside a quoted field "
+                f"as two quotes (\"\") ({msg})")
     m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
     if m:
         want, line, got = (int(g) for g in m.groups())
-        return f"record {line - 1} has {got} fields but the header has {want} ({msg})"
+        header = next(csv.reader(io.StringIO(text), delimiter=sep))
+        return (f"record {line - 1} has {got} fields but the header has {want}: the extra field comes after "
+                f"column {header[-1]!r}. Quote fields that contain the separator {sep!r} ({msg})")
     return msg
 
 
@@ -177,20 +203,21 @@ def read_table(path) -> pd.DataFrame:
     raw = path.read_bytes()
     text = _decode(path, raw)
     if not text.strip():
-        raise CleanError(f"{path}: file is empty")
+        raise CleanError(f"{path}: file is empty (no header, no rows); point data.path at the file with your data")
 
     if suffix in {".csv", ".tsv"}:
         try:
             df = pd.read_csv(
                 io.StringIO(text),
-                sep="\t" if suffix == ".tsv" else ",",
+                sep=_sep(path),
                 dtype=str,
                 keep_default_na=False,
                 na_filter=False,
                 engine="c",
             )
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise CleanError(f"{path}: could not parse {suffix[1:].upper()}: {_explain_csv_error(str(e))}") from None
+            raise CleanError(f"{path}: could not parse {suffix[1:].upper()}: "
+                             f"{_explain_csv_error(str(e), text, _sep(path))}") from None
         return _stringify(df)
 
     if suffix == ".json":
@@ -481,6 +508,14 @@ def run_clean(path, out_clean, out_rejected, out_report, **kwargs) -> CleanResul
     """
     df = read_table(path)
     result = clean_table(df, source=str(path), **kwargs)
+    # Nothing to train on: stop here, where the cause is known, not in training with an empty batch.
+    if not result.report["rows_in"]:
+        raise CleanError(f"{path}: the file has a header but no data rows; point data.path at the file with "
+                         "your data")
+    if not result.report["rows_kept"]:
+        first = result.rejected.head(3)[["row", "reason"]].to_dict("records")
+        raise CleanError(f"{path}: all {result.report['rows_in']} rows were rejected "
+                         f"({result.report['rejected_by_reason']}; first: {first}); fix the data or data.columns")
     write_parquet(out_clean, result.kept)
     write_parquet(out_rejected, result.rejected)
     write_json(out_report, result.report)

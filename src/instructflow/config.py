@@ -5,15 +5,17 @@ every mistake stops the run before any work starts, with a message that names th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from .prepare_model import model_key
+from .prepare_model import ModelSpecError, model_key, resolve_source
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO / "config" / "schema.yaml"
@@ -142,6 +144,10 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
         run["train"] = train
         run["template_path"] = str(template_path(run["template"], workdir))
         run["model_key"] = model_key(run["model"]["base"])
+        model_config_key = f"runs.{name}.model.base" if "base" in ((override or {}).get("model") or {}) else "model.base"
+        check_model(run["model"]["base"], model_config_key, workdir)
+        for key, value in ((model_config_key, run["model_key"]), ("template", template_key(run["template"]))):
+            check_folder_name(key, value)
         runs[name] = run
     keys: dict[str, str] = {}
     for run in runs.values():
@@ -150,6 +156,35 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
             raise ConfigError(f"config key model.base: {other!r} and {run['model']['base']!r} map to the same "
                               f"folder name {run['model_key']!r}; rename one of the files or folders")
     return runs
+
+
+# A path component the workflow builds from the config (a run, model or template name) must be a plain
+# name: "." or ".." would put outputs, and the rmtree that replaces an old output, outside results/.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_folder_name(key: str, name: str) -> None:
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"config key {key}: gives the folder name {name!r}, which could write outside results/; "
+                          "rename the file or folder so its name starts with a letter or digit")
+
+
+def check_model(spec: str, key: str, workdir: Path) -> None:
+    """Stop before any work on a model spec that cannot load: a missing package, file or folder, or a
+    folder without a readable config.json. A Hub id is only checked when prepare_model fetches it."""
+    with contextlib.chdir(workdir):
+        try:
+            source = resolve_source(spec)
+        except ModelSpecError as err:
+            raise ConfigError(f"config key {key}: {err}") from None
+        if source.kind == "folder":
+            try:
+                model_type = json.loads((Path(source.location) / "config.json").read_text()).get("model_type")
+            except (OSError, ValueError, AttributeError) as err:
+                raise ConfigError(f"config key {key}: {spec!r} has an unreadable config.json: {err}") from None
+            if not model_type:
+                raise ConfigError(f"config key {key}: {spec!r}/config.json names no model_type; "
+                                  "give a folder written by save_pretrained")
 
 
 def template_key(template: str) -> str:

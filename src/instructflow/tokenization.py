@@ -138,6 +138,10 @@ def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out
     write_json(out_audit, result.audit)
     # Snakemake deletes a failed job's outputs, so the error message itself carries the evidence.
     check_audit(result.audit)
+    if not len(result.splits["train"]):
+        raise AuditError(f"no rows left to train on: {len(result.rejected)} of {result.audit['rows_in']} rows exceed "
+                         f"tokenize.max_length {max_length} and {len(result.splits['eval'])} are held out for eval; "
+                         "raise tokenize.max_length, set tokenize.truncation: truncate, or lower data.eval_fraction")
     result.splits["train"].save(out_train)
     result.splits["eval"].save(out_eval)
     return result
