@@ -1,0 +1,131 @@
+"""Training in-process on a tiny random LLaMA: metrics contract, export, LoRA merge, gradient
+accumulation invariance, packing, and resuming from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from instructflow.io import read_jsonl
+from instructflow.tokenization import tokenize_prompts
+from instructflow.train import train
+
+from conftest import REPO, build_tokenizer
+
+METRIC_KEYS = {"step", "loss", "lr", "tokens", "trained_tokens", "elapsed_s"}
+BASE = {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1,
+        "log_every": 1, "checkpoint_every": 0, "precision": "fp32", "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def train_tokens(tmp_path_factory, alpaca_prompts):
+    result = tokenize_prompts(alpaca_prompts, build_tokenizer(), max_length=1024)
+    path = tmp_path_factory.mktemp("tokens") / "train.safetensors"
+    result.splits["train"].save(path)
+    return path
+
+
+def _train(tmp_path, model_dir, tokens, name="run", **settings):
+    run = tmp_path / name
+    summary = train({**BASE, **settings}, model_dir=model_dir, train_path=tokens, out_dir=run / "model",
+                    metrics_path=run / "metrics.jsonl", summary_path=run / "summary.json", workdir=run / "work")
+    return run, summary
+
+
+def _losses(run):
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_full_training_writes_metrics_and_a_loadable_model(tmp_path, tiny_model_dir, train_tokens):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_model_dir("llama")
+    template = REPO / "resources" / "templates" / "alpaca.yaml"
+    run, summary = _train(tmp_path, model_dir, train_tokens, template_path=str(template))
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert METRIC_KEYS <= set(r) and all(isinstance(r[k], (int, float)) for k in METRIC_KEYS)
+        assert 0 < r["trained_tokens"] < r["tokens"]
+    assert [r["trained_tokens"] for r in records] == sorted(r["trained_tokens"] for r in records)
+    assert summary["steps"] == 3 and summary["resumed_from_step"] == 0
+    assert summary["trained_tokens"] == records[-1]["trained_tokens"]
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+    out = run / "model"
+    assert (out / "instructflow_template.yaml").read_text() == template.read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    ids = tok("### Instruction:\nWhat is 1 + 1?\n### Response:\n", return_tensors="pt")["input_ids"]
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+
+
+def test_lora_exports_a_merged_plain_model(tmp_path, tiny_model_dir, train_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    run, summary = _train(tmp_path, model_dir, train_tokens, method="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    out = run / "model"
+    assert not list(out.glob("adapter_*"))
+    weights = _weights(out)
+    assert not any("lora" in name for name in weights)
+    base = _weights(model_dir)
+    assert set(weights) == set(base)
+    changed = [name for name in base if not torch.equal(base[name], weights[name])]
+    assert changed and all("proj" in name for name in changed)  # LoRA only touches the linear layers
+    assert summary["trainable_parameters"] < sum(t.numel() for t in base.values()) / 5
+    # Loading needs no peft: the class is the plain transformers model.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__module__.startswith("transformers.models.llama")
+
+
+def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_dir, train_tokens):
+    model_dir = tiny_model_dir("llama")
+    one, _ = _train(tmp_path, model_dir, train_tokens, "micro4", max_steps=4, micro_batch_size=4)
+    four, _ = _train(tmp_path, model_dir, train_tokens, "micro1", max_steps=4, micro_batch_size=1)
+    assert len(_losses(one)) == 4
+    assert _losses(four) == pytest.approx(_losses(one), abs=1e-4)
+    a, b = _weights(one / "model"), _weights(four / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, train_tokens):
+    model_dir = tiny_model_dir("llama")
+    padded, _ = _train(tmp_path, model_dir, train_tokens, "padded")
+    packed, summary = _train(tmp_path, model_dir, train_tokens, "packed", packing=True)
+    assert summary["packing"] is True
+    assert _losses(packed) == pytest.approx(_losses(padded), abs=1e-4)
+
+
+def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens):
+    model_dir = tiny_model_dir("llama")
+    settings = {"max_steps": 4, "checkpoint_every": 2}
+    run, first = _train(tmp_path, model_dir, train_tokens, **settings)
+    assert first["resumed_from_step"] == 0
+    uninterrupted = _weights(run / "model")
+    losses = _losses(run)
+    # Snakemake deletes a job's outputs before rerunning it; the work folder with checkpoints stays.
+    import shutil
+
+    shutil.rmtree(run / "model")
+    (run / "metrics.jsonl").unlink()
+    _, resumed = _train(tmp_path, model_dir, train_tokens, **settings)
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["trained_tokens"] == first["trained_tokens"]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert _losses(run) == pytest.approx(losses, abs=1e-5)
+    weights = _weights(run / "model")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
