@@ -20,7 +20,7 @@ wildcard_constraints:
 
 
 def lib(*modules):
-    """Library modules a rule runs: declared as inputs, so editing one reruns that stage onwards."""
+    """Library modules the rule's command imports, declared as inputs so that editing one reruns that stage onwards."""
     return [str(REPO / "src" / "instructflow" / m) for m in modules]
 
 
