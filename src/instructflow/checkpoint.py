@@ -1,5 +1,7 @@
-"""Training checkpoints that survive a kill -9: written into a temporary folder and renamed into
-place, with a manifest written last; a folder without a valid manifest is ignored when resuming.
+"""Training checkpoints that survive a kill -9: written into a temporary folder, flushed to disk and
+renamed into place, with a manifest written last that holds the SHA-256 of every file. When resuming,
+a folder whose manifest is missing or whose files do not match it (cut off, or damaged on disk) is
+skipped in favour of the one before.
 
 Everything is safetensors or JSON (no pickle): trainable weights, optimiser tensors, RNG state.
 A checkpoint records the fingerprint of the run (training settings + data) so a changed run never
@@ -8,15 +10,38 @@ resumes from another run's weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -41,23 +66,34 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                     scheduler_state: dict, fingerprint: str, extra: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` and keep the newest ``keep``; CheckpointError (older checkpoints intact)
+    when the folder cannot be written, e.g. a full disk."""
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    manifest = {"step": step, "fingerprint": fingerprint, "optimizer": opt_meta, "scheduler": scheduler_state,
-                "extra": extra or {}}
-    with open(tmp / MANIFEST, "w") as fh:
-        json.dump(manifest, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        for stale in folder.glob(".step-*.tmp"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / FILES[0]))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+        save_file(opt_tensors, str(tmp / FILES[1]))
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / FILES[2]))
+        for name in FILES:
+            _fsync(tmp / name)
+        manifest = {"step": step, "fingerprint": fingerprint, "optimizer": opt_meta, "scheduler": scheduler_state,
+                    "extra": extra or {}, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump(manifest, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(folder)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {err}. Free disk space or fix the permissions "
+                              f"of {folder}; earlier checkpoints there are intact") from err
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -71,9 +107,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Loads one checkpoint; raises on anything partial or corrupt."""
+    """Loads one checkpoint; CheckpointError on anything partial or corrupt."""
     path = Path(path)
-    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"no readable {MANIFEST}: {err}") from None
+    for name in FILES:
+        if not (path / name).is_file() or _sha256(path / name) != manifest["sha256"][name]:
+            raise CheckpointError(f"{name} is missing or does not match its checksum")
     return {
         "step": int(manifest["step"]),
         "fingerprint": manifest["fingerprint"],

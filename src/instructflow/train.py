@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .batching import BatchPlanner, collate
-from .checkpoint import latest_valid, save_checkpoint
+from .checkpoint import CheckpointError, latest_valid, save_checkpoint
 from .device import autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -58,6 +59,18 @@ DEFAULTS = {
 
 class TrainingError(RuntimeError):
     pass
+
+
+class ResponseLoss(torch.nn.Module):
+    """response_loss_sum as a module's forward, so the DDP wrapper accelerate adds sees every forward
+    pass: called on the unwrapped model, DDP never all-reduced the gradients and each rank trained alone."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, position_ids):
+        return response_loss_sum(self.model, input_ids, labels, position_ids)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
@@ -110,14 +123,20 @@ def export(model, model_dir: Path, out_dir: Path, settings: dict) -> None:
         model = model.merge_and_unload()
     model.config.use_cache = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-    if settings.get("template_path"):
-        shutil.copy(settings["template_path"], tmp / "instructflow_template.yaml")
-    write_json(tmp / "instructflow_training.json", settings)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        if settings.get("template_path"):
+            shutil.copy(settings["template_path"], tmp / "instructflow_template.yaml")
+        write_json(tmp / "instructflow_training.json", settings)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        # Only a complete folder ever gets the final name, so a later stage never loads half a model.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"cannot write the tuned model to {out_dir}: {err}. Free disk space or fix the "
+                            "folder's permissions, then rerun: training resumes from its last checkpoint") from err
 
 
 def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, metrics_path: Path,
@@ -167,8 +186,9 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         kept = [r for r in read_jsonl(log_path) if r["step"] <= start_step] if log_path.exists() and start_step else []
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    # `model` stays the plain transformers model (the wrapper shares its parameters) for checkpoints and export.
+    wrapped, optimizer = accelerator.prepare(ResponseLoss(model), optimizer)
+    wrapped.train()
     started = time.perf_counter()
     window_loss, window_tokens = 0.0, 0
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not accelerator.is_main_process,
@@ -183,10 +203,10 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             labels = batch["labels"].to(device)
             pos = batch["position_ids"].to(device) if batch["position_ids"] is not None else None
             # Only the last micro-batch of a step all-reduces gradients across processes.
-            sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext()
+            sync = accelerator.no_sync(wrapped) if i < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device, enabled=use_bf16):
-                    loss_sum, _ = response_loss_sum(model, ids, labels, pos)
+                    loss_sum, _ = wrapped(ids, labels, pos)
                 # DDP averages gradients over ranks; scaling by world keeps the global token mean.
                 accelerator.backward(loss_sum * world / plan.trained_tokens)
             step_loss += loss_sum.detach()
@@ -197,7 +217,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             raise TrainingError(f"loss became {loss_value} at step {step + 1}; the last good checkpoint in {workdir} "
                                 "is kept. Lower train.learning_rate or check the data.")
         if settings["max_grad_norm"]:
-            accelerator.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+            accelerator.clip_grad_norm_(wrapped.parameters(), settings["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -256,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(settings, model_dir=args.model, train_path=args.train, out_dir=args.out, metrics_path=args.metrics,
               summary_path=args.summary, workdir=args.workdir)
-    except TrainingError as err:
+    except (TrainingError, CheckpointError) as err:
         print(f"instructflow train: {err}", file=sys.stderr)
         sys.exit(1)
 

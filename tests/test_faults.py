@@ -1,0 +1,250 @@
+"""Faults: kill -9 mid-training then resume, corrupt or partial checkpoints, a NaN loss, a full disk or
+an unwritable folder. Training runs on a tiny random LLaMA and tokens made by the library itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from instructflow import train as train_module
+from instructflow.checkpoint import CheckpointError, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from instructflow.io import read_jsonl
+from instructflow.tokenization import tokenize_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+# Resumed and uninterrupted runs are the same fp32 computation on the same batches from the same
+# state; they agree to rounding (measured: identical on this CPU). The tolerance allows a different
+# thread count to reorder float sums.
+LOSS_TOLERANCE = 1e-4
+SETTINGS = {"max_steps": 120, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 2, "learning_rate": 1e-3,
+            "log_every": 1, "checkpoint_every": 10, "precision": "fp32", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model_dir, alpaca_prompts, tmp_path_factory):
+    """A tiny model folder and its train tokens, as the train rule gets them."""
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_model_dir("llama")
+    tokens = tmp_path_factory.mktemp("tokens") / "train.safetensors"
+    result = tokenize_prompts(alpaca_prompts, AutoTokenizer.from_pretrained(model_dir), max_length=256)
+    result.splits["train"].save(tokens)
+    return {"model": model_dir, "train": tokens}
+
+
+def train_args(job, out: Path, settings: dict) -> list[str]:
+    return ["--settings", json.dumps(settings), "--model", str(job["model"]), "--train", str(job["train"]),
+            "--out", str(out / "model"), "--metrics", str(out / "metrics.jsonl"),
+            "--summary", str(out / "summary.json"), "--workdir", str(out / "checkpoints")]
+
+
+def start_training(job, out: Path, settings: dict = SETTINGS) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "instructflow.train", *train_args(job, out, settings)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, past_step: int) -> None:
+    while not any(int(p.name.split("-")[1]) > past_step for p in list_checkpoints(folder)):
+        assert proc.poll() is None, "training ended before a checkpoint was written:\n" + proc.stdout.read()
+        time.sleep(0.02)
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(path)}
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(job, tmp_path):
+    reference = start_training(job, tmp_path / "reference")
+    out = tmp_path / "killed"
+    proc = start_training(job, out)
+    wait_for_checkpoint(proc, out / "checkpoints", past_step=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+    last_logged = max(losses(out / "checkpoints" / "metrics.jsonl"))
+    assert last_logged < SETTINGS["max_steps"], "killed too late to test resuming"
+
+    rerun = start_training(job, out)
+    assert rerun.wait() == 0, rerun.stdout.read()
+    assert reference.wait() == 0, reference.stdout.read()
+    summary = json.loads((out / "summary.json").read_text())
+    resumed = summary["resumed_from_step"]
+    assert resumed > 1 and resumed % SETTINGS["checkpoint_every"] == 0
+    assert last_logged - resumed <= SETTINGS["checkpoint_every"]  # at most one interval lost
+    assert summary["steps"] == SETTINGS["max_steps"]
+
+    got, want = losses(out / "metrics.jsonl"), losses(tmp_path / "reference" / "metrics.jsonl")
+    assert list(got) == list(range(1, SETTINGS["max_steps"] + 1))  # the step count continues, no repeats
+    assert max(abs(got[s] - want[s]) for s in got) <= LOSS_TOLERANCE
+    tuned = load_file(str(out / "model" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
+    assert max(float((tuned[k] - ref[k]).abs().max()) for k in ref) <= LOSS_TOLERANCE
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+def save(folder: Path, step: int, value: float = 1.0, fingerprint: str = "fp", **kw) -> Path:
+    weight = torch.full((4, 4), value)
+    optimizer = {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": weight * 0.1}},
+                 "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    return save_checkpoint(folder, step, trainable={"w": weight}, optimizer_state=optimizer,
+                           scheduler_state={"last_epoch": step}, fingerprint=fingerprint,
+                           extra={"tokens": step}, **kw)
+
+
+def test_checkpoint_round_trip_holds_only_safetensors_and_json(tmp_path):
+    path = save(tmp_path, 5, value=2.0)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 5 and torch.equal(ckpt["trainable"]["w"], torch.full((4, 4), 2.0))
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], torch.full((4, 4), 0.2))
+    assert {p.suffix for p in path.iterdir()} == {".safetensors", ".json"}
+
+
+@pytest.mark.parametrize("damage", ["flip_a_weight", "truncate", "no_manifest", "missing_file", "bad_manifest"])
+def test_a_damaged_newest_checkpoint_is_skipped(tmp_path, damage):
+    save(tmp_path, 10, value=1.0)
+    newest = save(tmp_path, 20, value=2.0)
+    weights = newest / "trainable.safetensors"
+    if damage == "flip_a_weight":  # still a valid safetensors file: only the checksum can tell
+        save_file({"w": torch.full((4, 4), 3.0)}, str(weights))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "no_manifest":
+        (newest / "manifest.json").unlink()
+    elif damage == "missing_file":
+        (newest / "rng.safetensors").unlink()
+    else:
+        (newest / "manifest.json").write_text('{"step": 20')
+    with pytest.raises(CheckpointError):
+        load_checkpoint(newest)
+    skipped = []
+    ckpt = latest_valid(tmp_path, "fp", log=skipped.append)
+    assert ckpt["step"] == 10 and torch.equal(ckpt["trainable"]["w"], torch.full((4, 4), 1.0))
+    assert len(skipped) == 1 and "step-00000020" in skipped[0]
+
+
+def test_partial_write_and_other_runs_checkpoints_are_ignored(tmp_path):
+    save(tmp_path, 10)
+    partial = tmp_path / ".step-00000020.tmp"  # a process killed while writing step 20
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"\0" * 10)
+    save(tmp_path, 30, fingerprint="other settings")
+    assert latest_valid(tmp_path, "fp", log=lambda _: None)["step"] == 10
+    save(tmp_path, 40)
+    assert not partial.exists()  # the next write clears what a killed one left
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000030", "step-00000040"]  # keep=2
+
+
+def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
+    # Running as root ignores permission bits, so the unwritable folder is a path under a regular file.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*file/ckpt/step-00000005.*Free disk space"):
+        save(blocker / "ckpt", 5)
+
+
+# ------------------------------------------------------------------------------------- NaN, disk
+
+def run_main(job, out: Path, settings: dict, capsys) -> tuple[int, str]:
+    try:
+        train_module.main(train_args(job, out, settings))
+    except SystemExit as exit_:
+        return int(exit_.code), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(job, tmp_path, monkeypatch, capsys):
+    real_loss = train_module.response_loss_sum
+    calls = []
+
+    def loss_that_turns_nan(model, ids, labels, pos):  # one micro-batch per step: call 7 is step 7
+        calls.append(1)
+        loss, count = real_loss(model, ids, labels, pos)
+        return (loss * float("nan"), count) if len(calls) >= 7 else (loss, count)
+
+    monkeypatch.setattr(train_module, "response_loss_sum", loss_that_turns_nan)
+    settings = {**SETTINGS, "max_steps": 10, "checkpoint_every": 5}
+    code, err = run_main(job, tmp_path, settings, capsys)
+    assert code == 1
+    assert "loss became nan at step 7" in err and "last good checkpoint" in err and "learning_rate" in err
+    [ckpt] = list_checkpoints(tmp_path / "checkpoints")
+    assert load_checkpoint(ckpt)["step"] == 5
+    assert torch.isfinite(load_checkpoint(ckpt)["trainable"]["model.embed_tokens.weight"]).all()
+    assert not (tmp_path / "model").exists() and not (tmp_path / "summary.json").exists()
+
+
+def assert_no_model_left(out: Path) -> None:
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
+    assert not (out / "summary.json").exists()
+
+
+def test_unwritable_model_folder_is_a_clear_error(job, tmp_path, capsys):
+    # As root, chmod does not stop writes: a regular file where the model's parent folder should be does.
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    out = tmp_path / "blocked" / "run"
+    args = train_args(job, out, {**SETTINGS, "max_steps": 2})
+    args[args.index("--metrics") + 1] = str(tmp_path / "metrics.jsonl")
+    args[args.index("--workdir") + 1] = str(tmp_path / "checkpoints")
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(args)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the tuned model to {out / 'model'}" in err and "Free disk space" in err
+    assert not (tmp_path / "blocked" / "run").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, smaller than the tiny model: a real ENOSPC. Needs root and mount rights; skipped where they are missing."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_leaves_no_model_and_keeps_checkpoints(job, tmp_path, small_disk, capsys):
+    from instructflow.clean import run_clean
+
+    out = small_disk / "run"
+    settings = {**SETTINGS, "max_steps": 2}
+    args = train_args(job, out, settings)
+    args[args.index("--workdir") + 1] = str(tmp_path / "checkpoints")
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "No space left on device" in err and "cannot write the tuned model" in err
+    assert_no_model_left(out)
+
+    # A checkpoint that does not fit: a clear error and the earlier checkpoint stays loadable.
+    save(small_disk / "ckpt", 1)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint(small_disk / "ckpt", 2, trainable={"w": torch.zeros(1 << 16)},
+                        optimizer_state={"state": {}, "param_groups": []}, scheduler_state={}, fingerprint="fp")
+    assert latest_valid(small_disk / "ckpt", "fp")["step"] == 1
+    assert not list((small_disk / "ckpt").glob(".*.tmp"))
+
+    # The other stages write atomically too: no half-written table for the next stage.
+    big = tmp_path / "big.csv"
+    rng = random.Random(0)  # random text, so Parquet cannot compress it below the disk's size
+    big.write_text("instruction,input,output\n" + "".join(f"Echo {i},,{rng.randbytes(150).hex()}\n" for i in range(2000)))
+    with pytest.raises(OSError):
+        run_clean(big, small_disk / "clean.parquet", small_disk / "rejected.parquet", small_disk / "report.json")
+    assert not list(small_disk.glob("*clean.parquet*"))
