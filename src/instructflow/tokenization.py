@@ -43,8 +43,9 @@ def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int, trunc
     eos = _eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # Batched calls go through the Rust tokenizer in parallel: the slow part of preprocessing.
-    prompt_ids = tokenizer(list(prompts["prompt"]), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(list(prompts["response"]), add_special_tokens=False)["input_ids"]
+    # (A fast tokenizer fails on an empty batch, hence the guard.)
+    prompt_ids = tokenizer(list(prompts["prompt"]), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    response_ids = tokenizer(list(prompts["response"]), add_special_tokens=False)["input_ids"] if len(prompts) else []
 
     per_split: dict[str, tuple[list, list, list]] = {}
     rejected, truncated = [], 0
