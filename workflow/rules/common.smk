@@ -76,8 +76,18 @@ def get_run_template(wildcards):
     return RUNS[wildcards.run]["template_path"]
 
 
-def get_run_processes(wildcards):
-    return RUNS[wildcards.run]["train"]["processes"]
+def get_run_processes(wildcards, resources):
+    """One process per GPU the job holds (resource `gpu`, set by a cluster profile), else
+    train.processes: the same config trains on a laptop and on a GPU node."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    return gpus if gpus > 0 else RUNS[wildcards.run]["train"]["processes"]
+
+
+def get_accelerate_config(wildcards, resources):
+    """Which config/accelerate/ file the job launches with. default.yaml starts exactly one process
+    whatever --num_processes says (accelerate 1.15), so several processes need ddp.yaml: DDP over
+    GPUs, or over CPU processes (gloo) on a host without GPUs."""
+    return "ddp" if get_run_processes(wildcards, resources) > 1 else "default"
 
 
 def json_option(obj):

@@ -1,6 +1,8 @@
 # train: accelerate launch on the package's entry point. Resumable state lives in
 # results/runs/{run}/checkpoints, outside the outputs, because Snakemake deletes a job's outputs
-# before rerunning it. Threads are split among accelerate's processes.
+# before rerunning it. Threads are split among accelerate's processes. On a cluster the profile
+# (profiles/slurm) gives this rule GPUs (resource `gpu`: one process each), CPUs and memory; never
+# `tasks`, which would start one copy of the whole launch per task.
 rule train:
     output:
         model=directory("results/runs/{run}/model"),
@@ -10,13 +12,17 @@ rule train:
         model=get_run_base_model,
         train=get_run_tokens,
         template=get_run_template,
-        accelerate_config=str(REPO / "config" / "accelerate" / "default.yaml"),
+        # The rule picks one of these by its process count (params.accelerate_config).
+        accelerate_configs=expand(str(REPO / "config" / "accelerate" / "{name}.yaml"), name=["default", "ddp"]),
         code=lib("train.py", "batching.py", "loss.py", "checkpoint.py", "examples.py", "device.py"),
     params:
         settings=get_train_settings,
         processes=get_run_processes,
+        accelerate_config=get_accelerate_config,
         workdir="results/runs/{run}/checkpoints",
-        # Each run gets its own rendezvous port so concurrent trainings on one node never collide.
+        # Each run gets its own rendezvous port so concurrent trainings on one node never collide;
+        # under SLURM the job id picks it (below 32768, the kernel's ephemeral range), so jobs of
+        # different workflows or users sharing a node never collide either.
         port=get_run_port,
     threads: 2
     log:
@@ -26,9 +32,10 @@ rule train:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "OMP_NUM_THREADS=$(( {threads} / {params.processes} > 0 ? {threads} / {params.processes} : 1 ))"
-        " accelerate launch --config_file {input.accelerate_config} --num_processes {params.processes}"
-        " --main_process_port {params.port}"
+        "PORT=${{SLURM_JOB_ID:+$(( 20000 + SLURM_JOB_ID % 12000 ))}};"
+        " OMP_NUM_THREADS=$(( {threads} / {params.processes} > 0 ? {threads} / {params.processes} : 1 ))"
+        " accelerate launch --config_file $(dirname {input.accelerate_configs[0]})/{params.accelerate_config}.yaml"
+        " --num_processes {params.processes} --main_process_port ${{PORT:-{params.port}}}"
         " -m instructflow.train --settings {params.settings} --model {input.model} --train {input.train}"
         " --out {output.model} --metrics {output.metrics} --summary {output.summary}"
         " --workdir {params.workdir} > {log} 2>&1"
