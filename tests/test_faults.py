@@ -248,3 +248,65 @@ def test_full_disk_leaves_no_model_and_keeps_checkpoints(job, tmp_path, small_di
     with pytest.raises(OSError):
         run_clean(big, small_disk / "clean.parquet", small_disk / "rejected.parquet", small_disk / "report.json")
     assert not list(small_disk.glob("*clean.parquet*"))
+
+
+# ------------------------------------------------------------------------------------- through Snakemake
+
+def training_pids(work: Path) -> list[int]:
+    """The python processes running the train entry point (not accelerate's launcher) inside `work`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = (proc / "cwd").resolve()
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", b"instructflow.train"] and cwd == work:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_snakemake_after_kill_9_of_training_resumes(tiny_model_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    work = tmp_path / "wf"
+    (work / "config").mkdir(parents=True)
+    shutil.copy(REPO / ".test" / "data" / "instructions.csv", work / "data.csv")
+    train = {**SETTINGS, "max_steps": 40}  # the other stages' processes make this test slow enough already
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"path": "data.csv", "eval_fraction": 0.2}, "model": {"base": str(tiny_model_dir("llama"))},
+        "tokenize": {"max_length": 256}, "train": train}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+               "--cores", "2", "results/runs/default/train/summary.json"]
+    checkpoints = work / "results" / "runs" / "default" / "checkpoints"
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(first, checkpoints, past_step=1)
+    [pid] = training_pids(work.resolve())
+    os.kill(pid, signal.SIGKILL)
+    assert first.wait() != 0
+    assert not (work / "results" / "runs" / "default" / "model").exists()  # Snakemake removed the failed outputs
+    last_logged = max(losses(checkpoints / "metrics.jsonl"))
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    run = work / "results" / "runs" / "default"
+    summary = json.loads((run / "train" / "summary.json").read_text())
+    assert 1 < summary["resumed_from_step"] and last_logged - summary["resumed_from_step"] <= train["checkpoint_every"]
+
+    # The same training uninterrupted, with the settings and threads the rule used.
+    settings = json.loads((run / "model" / "instructflow_training.json").read_text())
+    [model] = (work / "results" / "models").iterdir()
+    [tokens] = (work / "results" / "tokens").glob("*/*/train.safetensors")
+    reference = subprocess.run(
+        [sys.executable, "-m", "instructflow.train",
+         *train_args({"model": model, "train": tokens}, tmp_path / "reference", settings)],
+        env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    got, want = losses(run / "train" / "metrics.jsonl"), losses(tmp_path / "reference" / "metrics.jsonl")
+    assert list(got) == list(want) == list(range(1, train["max_steps"] + 1))
+    assert abs(got[train["max_steps"]] - want[train["max_steps"]]) <= LOSS_TOLERANCE
