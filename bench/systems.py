@@ -1,0 +1,217 @@
+"""One trainer per process: ``python -m bench.systems NAME --config CONFIG.json --out RESULT.json``.
+
+Every system trains the same model on the same rows for the same steps and reports, per optimiser
+step, its wall time, the non-pad tokens (prompt + response of the rows it saw) and the trained tokens
+(response tokens that carry a loss), plus its peak RSS and, where asked, the held-out loss of the
+trained model computed by one shared function (instructflow.evaluate.eval_loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .common import IGNORE_INDEX, peak_rss_mib, write_json
+
+
+# ------------------------------------------------------------------------- transformers Trainer glue
+def _timed_trainer_steps(trainer, counts: list[dict]) -> list[dict]:
+    """Train, timing each optimiser step with a callback; ``counts`` is filled by the collator,
+    one entry per batch (no gradient accumulation, no dataloader workers: batch i is step i)."""
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    return [{"seconds": t, **c} for t, c in zip(times, counts)]
+
+
+def _load_model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Packed rows only stay apart when no KV cache is built during training (see guide/performance.md).
+    model.config.use_cache = False
+    return model
+
+
+def _rows(cfg: dict):
+    from instructflow.examples import Examples
+    from instructflow.io import read_parquet
+
+    train = Examples.load(cfg["train"])
+    texts = read_parquet(cfg["prompts"]).set_index("row")
+    rows = [int(r) for r in train.row.tolist()]
+    trained = [int((train.get(i)[1] != IGNORE_INDEX).sum()) for i in range(len(train))]
+    return texts.loc[rows, "prompt"].tolist(), texts.loc[rows, "response"].tolist(), trained, train
+
+
+def recipe_2023(cfg: dict) -> dict:
+    """The 2023 script: every row padded to 512, fp32, batch 8, labels = input_ids (pads included),
+    transformers Trainer with its defaults, lr 1e-3, warmup 10, weight decay 0.01."""
+    from torch.utils.data import Dataset
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    prompts, responses, _, _ = _rows(cfg)
+
+    class InstructDataset(Dataset):
+        def __init__(self):
+            self.items = []
+            for p, r in zip(prompts, responses):
+                enc = tokenizer(p + r, padding="max_length", max_length=512, truncation=True)
+                n_prompt = len(tokenizer(p)["input_ids"])
+                self.items.append((torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"]),
+                                   sum(enc["attention_mask"]) - n_prompt))
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    counts: list[dict] = []
+
+    def collate(data):
+        counts.append({"nonpad": int(sum(int(f[1].sum()) for f in data)), "trained": int(sum(f[2] for f in data)),
+                       "computed": int(sum(f[0].numel() for f in data))})
+        return {"input_ids": torch.stack([f[0] for f in data]), "attention_mask": torch.stack([f[1] for f in data]),
+                "labels": torch.stack([f[0] for f in data])}
+
+    args = TrainingArguments(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=8,
+                             warmup_steps=10, weight_decay=0.01, learning_rate=1e-3, use_cpu=not torch.cuda.is_available(),
+                             save_strategy="no", report_to=[], logging_steps=1000, dataloader_num_workers=0,
+                             disable_tqdm=True, seed=42)
+    trainer = Trainer(model=_load_model(cfg["model"]), args=args, train_dataset=InstructDataset(), data_collator=collate)
+    steps = _timed_trainer_steps(trainer, counts)
+    return {"steps": steps, "peak_rss_mib": peak_rss_mib(), "bf16": False,
+            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+
+
+def trl_sft(cfg: dict) -> dict:
+    """TRL's SFTTrainer as its docs recommend for speed: BFD packing into padding-free batches,
+    bf16, completion-only loss, gradient checkpointing off; optimiser settings matched to ours."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from instructflow.evaluate import eval_loss
+    from instructflow.examples import Examples
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    prompts, responses, _, _ = _rows(cfg)
+    dataset = Dataset.from_dict({"prompt": prompts, "completion": responses})
+    args = SFTConfig(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["trl_batch"],
+                     max_length=cfg["trl_max_length"], packing=True, packing_strategy="bfd", padding_free=True,
+                     pad_to_multiple_of=None, completion_only_loss=True, gradient_checkpointing=False,
+                     bf16=cfg["bf16"], learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
+                     warmup_steps=cfg["warmup_steps"], weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
+                     use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1000,
+                     dataloader_num_workers=0, disable_tqdm=True, seed=42)
+    trainer = SFTTrainer(model=_load_model(cfg["model"]), args=args, train_dataset=dataset, processing_class=tokenizer)
+    inner = trainer.data_collator
+    counts: list[dict] = []
+
+    def collate(features):
+        batch = inner(features)
+        nonpad = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        counts.append({"nonpad": nonpad, "trained": int((batch["labels"] != IGNORE_INDEX).sum()),
+                       "computed": int(batch["input_ids"].numel())})
+        return batch
+
+    trainer.data_collator = collate
+    steps = _timed_trainer_steps(trainer, counts)
+    rss = peak_rss_mib()
+    model = trainer.model.eval()
+    loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
+    return {"steps": steps, "peak_rss_mib": rss, "bf16": cfg["bf16"], "eval": loss,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def ours(cfg: dict, method: str) -> dict:
+    """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it."""
+    from instructflow.evaluate import eval_loss
+    from instructflow.examples import Examples
+    from instructflow.io import read_jsonl
+    from instructflow.train import train
+
+    work = Path(cfg["work"])
+    settings = {**cfg["ours"], "method": method, "max_steps": cfg["steps"], "learning_rate": cfg["learning_rate"],
+                "warmup_steps": cfg["warmup_steps"], "log_every": 1, "checkpoint_every": 0,
+                "precision": "bf16" if cfg["bf16"] else "fp32"}
+    summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
+                    metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
+    rss = peak_rss_mib()
+    log = read_jsonl(work / "metrics.jsonl")
+    steps, prev = [], {"elapsed_s": 0.0, "tokens": 0, "trained_tokens": 0}
+    for rec in log:
+        steps.append({"seconds": rec["elapsed_s"] - prev["elapsed_s"], "nonpad": rec["tokens"] - prev["tokens"],
+                      "trained": rec["trained_tokens"] - prev["trained_tokens"]})
+        prev = rec
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
+    loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
+    return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["bf16"], "eval": loss,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": summary["trainable_parameters"]}
+
+
+def generation(cfg: dict) -> dict:
+    """Greedy evaluation generation, batched with the KV cache (what evaluate does) against one
+    prompt at a time, on the same held-out prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from instructflow.evaluate import generate
+    from instructflow.examples import Examples
+
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32).eval()
+    examples = Examples.load(cfg["eval"])
+    prompts = [examples.prompt(i) for i in range(min(cfg["gen_prompts"], len(examples)))]
+    kw = {"eos_token_ids": [examples.eos_token_id], "pad_token_id": examples.pad_token_id,
+          "max_new_tokens": cfg["gen_new_tokens"], "use_bf16": cfg["bf16"]}
+    generate(model, prompts[:2], batch_size=2, **kw)  # warm-up
+    batched, batched_s = generate(model, prompts, batch_size=cfg["gen_batch"], **kw)
+    single, single_s = generate(model, prompts, batch_size=1, **kw)
+    return {"prompts": len(prompts), "batch_size": cfg["gen_batch"], "max_new_tokens": cfg["gen_new_tokens"],
+            "batched_seconds": batched_s, "one_at_a_time_seconds": single_s, "speedup": single_s / batched_s,
+            "new_tokens": sum(len(t) for t in batched),
+            "same_output": sum(a == b for a, b in zip(batched, single))}
+
+
+SYSTEMS = {
+    "recipe_2023": recipe_2023,
+    "trl": trl_sft,
+    "ours_full": lambda cfg: ours(cfg, "full"),
+    "ours_lora": lambda cfg: ours(cfg, "lora"),
+    "generation": generation,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=sorted(SYSTEMS))
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    cfg = json.loads(args.config.read_text())
+    torch.manual_seed(42)
+    result = SYSTEMS[args.name](cfg)
+    result["torch_threads"] = torch.get_num_threads()
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
