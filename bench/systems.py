@@ -140,6 +140,20 @@ def trl_sft(cfg: dict) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def computed_tokens(cfg: dict, steps: int) -> list[int]:
+    """Positions the train stage ran per step, padding included: its batch plan is a pure function
+    of (seed, step), so the bench rebuilds it rather than asking the trainer."""
+    from instructflow.batching import BatchPlanner
+    from instructflow.examples import Examples
+    from instructflow.train import DEFAULTS
+
+    examples = Examples.load(cfg["train"])
+    lengths = examples.lengths.numpy()
+    planner = BatchPlanner(examples, batch_size=cfg["ours"]["batch_size"], world_size=1,
+                           micro_batch_size=cfg["ours"]["micro_batch_size"], seed=cfg["ours"].get("seed", DEFAULTS["seed"]))
+    return [sum(len(rows) * int(lengths[rows].max()) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
+
+
 def ours(cfg: dict, method: str) -> dict:
     """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it."""
     from instructflow.evaluate import eval_loss
@@ -156,9 +170,10 @@ def ours(cfg: dict, method: str) -> dict:
     rss = peak_rss_mib()
     log = read_jsonl(work / "metrics.jsonl")
     steps, prev = [], {"elapsed_s": 0.0, "tokens": 0, "trained_tokens": 0}
-    for rec in log:
+    computed = computed_tokens(cfg, len(log))
+    for rec, positions in zip(log, computed):
         steps.append({"seconds": rec["elapsed_s"] - prev["elapsed_s"], "nonpad": rec["tokens"] - prev["tokens"],
-                      "trained": rec["trained_tokens"] - prev["trained_tokens"]})
+                      "trained": rec["trained_tokens"] - prev["trained_tokens"], "computed": positions})
         prev = rec
     from transformers import AutoModelForCausalLM
 
