@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from instructflow.io import _atomic_target, atomic_replace
+from instructflow.io import atomic_path
 
 DEFAULT_OUT = Path("resources/demo/instructions.csv")
 DEFAULT_ROWS = 1500
@@ -198,13 +198,8 @@ def to_csv(rows: list[Row]) -> bytes:
 
 
 def write_csv(path: str | Path, rows: list[Row]) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(to_csv(rows))
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,37 +3,38 @@ half-written file that a later stage trusts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _atomic_target(path: Path):
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary name beside ``path``; once the block succeeds, the file is moved over
+    ``path`` (same filesystem, so atomic). On any error the temporary file is removed and ``path``
+    is left as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
-
-
-def atomic_replace(tmp: Path, path: Path) -> None:
-    """Move a finished temporary file over its final name (same filesystem, so atomic)."""
-    os.replace(tmp, path)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -41,13 +42,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_parquet(path: str | os.PathLike) -> pd.DataFrame:

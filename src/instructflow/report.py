@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from .io import _atomic_target, atomic_replace, read_json, read_jsonl
+from .io import atomic_path, read_json, read_jsonl
 
 EVAL_METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "n")
 
@@ -157,13 +157,8 @@ def markdown_to_html(md: str) -> str:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        atomic_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- plot
@@ -228,13 +223,8 @@ def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> d
     fig.suptitle("Training loss")
     fig.tight_layout()
 
-    out_png = Path(out_png)
-    tmp = _atomic_target(out_png)
-    try:
+    with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-        atomic_replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
     return counts
 
 
