@@ -145,12 +145,12 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     of (seed, step), so the bench rebuilds it rather than asking the trainer."""
     from instructflow.batching import BatchPlanner
     from instructflow.examples import Examples
-    from instructflow.train import DEFAULTS
+    from instructflow.config import train_settings
 
     examples = Examples.load(cfg["train"])
     lengths = examples.lengths.numpy()
     planner = BatchPlanner(examples, batch_size=cfg["ours"]["batch_size"], world_size=1,
-                           micro_batch_size=cfg["ours"]["micro_batch_size"], seed=cfg["ours"].get("seed", DEFAULTS["seed"]))
+                           micro_batch_size=cfg["ours"]["micro_batch_size"], seed=cfg["ours"].get("seed", train_settings({})["seed"]))
     return [sum(len(rows) * int(lengths[rows].max()) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 

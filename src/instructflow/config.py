@@ -124,10 +124,19 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def train_schema() -> dict:
+    schema = load_schema()
+    return {**schema["$defs"]["train"], "$defs": schema["$defs"]}
+
+
+def train_settings(settings: dict) -> dict:
+    """Training settings with the schema's defaults filled in: the one source of defaults for the
+    workflow and for callers of the trainer alike."""
+    return validate(settings, train_schema())
+
+
 def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
     """Run name -> {"model": {...}, "model_key", "template", "template_path", "train": {...}}."""
-    schema = load_schema()
-    train_schema = {**schema["$defs"]["train"], "$defs": schema["$defs"]}
     runs = {}
     for name, override in config["runs"].items():
         run = _merge({"model": config["model"], "template": config["template"], "train": {}}, override or {})
@@ -135,7 +144,7 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
         if train.get("args_file"):
             train = _merge(train, _training_arguments(train["args_file"], workdir))
         try:
-            train = validate(train, train_schema)
+            train = train_settings(train)
         except ConfigError as err:
             raise ConfigError(str(err).replace("config key ", f"config key runs.{name}.train.", 1)) from None
         if train["batch_size"] % (train["micro_batch_size"] * train["processes"]):

@@ -33,28 +33,14 @@ from safetensors import SafetensorError
 
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
+from .config import train_settings
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
 from .loss import response_loss_sum
 
-DEFAULTS = {
-    "method": "full",
-    "learning_rate": 1e-4,
-    "max_steps": 100,
-    "batch_size": 16,
-    "micro_batch_size": 8,
-    "warmup_steps": 10,
-    "lr_scheduler": "cosine",
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "seed": 42,
-    "precision": "auto",
-    "packing": False,
-    "log_every": 5,
-    "checkpoint_every": 50,
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-}
+# Keys the workflow passes beside the schema's training settings.
+EXTRA_SETTINGS = ("template_path", "trust_remote_code")
 
 
 class TrainingError(RuntimeError):
@@ -145,7 +131,8 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    settings = {**DEFAULTS, **settings, "lora": {**DEFAULTS["lora"], **settings.get("lora", {})}}
+    extra = {k: settings[k] for k in EXTRA_SETTINGS if k in settings}
+    settings = {**train_settings({k: v for k, v in settings.items() if k not in EXTRA_SETTINGS}), **extra}
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -240,7 +227,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):.0f}")
         if settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total:
             if accelerator.is_main_process:
-                save_checkpoint(workdir, done, trainable=trainable_state(accelerator.unwrap_model(model)),
+                save_checkpoint(workdir, done, trainable=trainable_state(model),
                                 optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                                 fingerprint=fp, extra={"tokens": tokens, "trained_tokens": trained_tokens,
                                                        "elapsed_s": elapsed_before + time.perf_counter() - started})
@@ -250,7 +237,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
-        export(accelerator.unwrap_model(model), model_dir, out_dir, settings)
+        export(model, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
         summary = {"method": settings["method"], "steps": total, "resumed_from_step": start_step,
                    "processes": world, "device": str(device), "bf16": use_bf16, "packing": settings["packing"],

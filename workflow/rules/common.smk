@@ -40,28 +40,10 @@ def get_render_model(wildcards):
     return []
 
 
-def get_run_tokens(wildcards):
-    return "results/tokens/{model}/{template}/train.safetensors".format(**run_paths(wildcards.run))
-
-
-def get_run_eval_tokens(wildcards):
-    return "results/tokens/{model}/{template}/eval.safetensors".format(**run_paths(wildcards.run))
-
-
-def get_run_prompts(wildcards):
-    return "results/prompts/{model}/{template}.parquet".format(**run_paths(wildcards.run))
-
-
-def get_run_audit(wildcards):
-    return "results/tokens/{model}/{template}/audit.json".format(**run_paths(wildcards.run))
-
-
-def get_run_base_model(wildcards):
-    return "results/models/{model}".format(**run_paths(wildcards.run))
-
-
-def get_run_base_eval(wildcards, name):
-    return "results/base_eval/{model}/{template}/".format(**run_paths(wildcards.run)) + name
+def from_run(pattern):
+    """An input function: ``pattern`` (a path with {model} and {template}) filled in for the run's
+    model and template, so a run reads the shared upstream outputs it needs."""
+    return lambda wildcards: pattern.format(**run_paths(wildcards.run))
 
 
 def get_train_settings(wildcards):

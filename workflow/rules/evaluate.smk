@@ -27,8 +27,8 @@ rule evaluate:
         samples="results/runs/{run}/eval/tuned_samples.parquet",
     input:
         model="results/runs/{run}/model",
-        examples=get_run_eval_tokens,
-        prompts=get_run_prompts,
+        examples=from_run("results/tokens/{model}/{template}/eval.safetensors"),
+        prompts=from_run("results/prompts/{model}/{template}.parquet"),
         code=lib("evaluate.py", "loss.py", "device.py"),
     params:
         options=json_option(CONFIG["evaluate"]),
@@ -58,8 +58,8 @@ rule compare:
             subcategory="{run}",
         ),
     input:
-        base=lambda wc: get_run_base_eval(wc, "metrics.json"),
-        base_samples=lambda wc: get_run_base_eval(wc, "samples.parquet"),
+        base=from_run("results/base_eval/{model}/{template}/metrics.json"),
+        base_samples=from_run("results/base_eval/{model}/{template}/samples.parquet"),
         tuned="results/runs/{run}/eval/tuned.json",
         tuned_samples="results/runs/{run}/eval/tuned_samples.parquet",
         code=lib("evaluate.py"),

@@ -18,7 +18,7 @@ rule report:
         eval="results/runs/{run}/eval/metrics.json",
         samples="results/runs/{run}/eval/samples.md",
         clean="results/data/clean_report.json",
-        audit=get_run_audit,
+        audit=from_run("results/tokens/{model}/{template}/audit.json"),
         code=lib("report.py"),
     log:
         "logs/report/{run}.log",

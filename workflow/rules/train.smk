@@ -9,8 +9,8 @@ rule train:
         metrics="results/runs/{run}/train/metrics.jsonl",
         summary="results/runs/{run}/train/summary.json",
     input:
-        model=get_run_base_model,
-        train=get_run_tokens,
+        model=from_run("results/models/{model}"),
+        train=from_run("results/tokens/{model}/{template}/train.safetensors"),
         template=get_run_template,
         # The rule picks one of these by its process count (params.accelerate_config).
         accelerate_configs=expand(str(REPO / "config" / "accelerate" / "{name}.yaml"), name=["default", "ddp"]),
