@@ -33,14 +33,17 @@ def synthetic_rows(n: int, seed: int = 7) -> list[tuple[str, str, str]]:
             for i in range(n)]
 
 
-def build(work: Path, model_dir: Path, rows: int | list, *, seed: int = 1234, eval_fraction: float = 0.1) -> dict:
-    """Run the three stages into ``work`` on ``rows`` demo rows (or the given rows); returns their
-    wall times and paths."""
+def build(work: Path, model_dir: Path, rows: int | list | Path, *, seed: int = 1234,
+          eval_fraction: float = 0.1) -> dict:
+    """Run the three stages into ``work`` on ``rows`` demo rows, the given rows, or a data file in any
+    format the clean stage reads; returns their wall times and paths."""
     work.mkdir(parents=True, exist_ok=True)
-    csv = work / "instructions.csv"
-    table = generate(rows, seed) if isinstance(rows, int) else rows
-    write_csv(csv, table)
-    rows = len(table)
+    if isinstance(rows, Path):
+        csv = rows
+    else:
+        csv = work / "instructions.csv"
+        table = generate(rows, seed) if isinstance(rows, int) else rows
+        write_csv(csv, table)
     seconds = {}
     t0 = time.perf_counter()
     run_clean(csv, work / "clean.parquet", work / "clean_rejected.parquet", work / "clean_report.json",
@@ -53,6 +56,7 @@ def build(work: Path, model_dir: Path, rows: int | list, *, seed: int = 1234, ev
     run_tokenize(work / "prompts.parquet", model_dir, work / "train.safetensors", work / "eval.safetensors",
                  work / "tokenize_rejected.parquet", work / "audit.json", max_length=MAX_LENGTH)
     seconds["tokenize"] = time.perf_counter() - t0
+    rows = len(read_parquet(work / "clean.parquet")) + len(read_parquet(work / "clean_rejected.parquet"))
     return {"rows": rows, "seconds": seconds, "total_seconds": sum(seconds.values()),
             "prompts": work / "prompts.parquet", "train": work / "train.safetensors", "eval": work / "eval.safetensors"}
 

@@ -1,6 +1,6 @@
 """`make bench`: one command, one machine, one run. Prints and writes (JSON + Markdown) the table.
 
-    python -m bench.run [--rows 2000] [--steps 12] [--docs docs/benchmarks.md]
+    python -m bench.run [--data FILE | --rows 2000] [--steps 12] [--docs docs/benchmarks.md]
 
 Systems, all on the same model, rows, schedule and machine:
   recipe_2023  transformers Trainer, rows padded to 512, fp32, batch 8, labels = input_ids (few steps: slow)
@@ -110,7 +110,7 @@ def markdown(report: dict) -> str:
         f"{report['date']}. Measured matmul peak: bf16 {report['peak_bf16_gflops']:.0f} GFLOP/s, "
         f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}).",
         "",
-        f"Data: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
+        f"Data: {cfg['data'].get('source', 'demo rows')}: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
         f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps per system "
         f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
         "",
@@ -174,12 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--docs", type=Path, help="also write the Markdown table here (docs/benchmarks.md)")
     parser.add_argument("--model", type=Path, help="a save_pretrained folder (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=2000, help="demo rows to generate when --data is not given")
+    parser.add_argument("--data", type=Path, help="an instruction file (CSV, JSON, JSONL, Parquet) to train on instead")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--recipe-steps", type=int, default=4)
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--preprocess-rows", type=int, default=100_000)
-    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, help="train.micro_batch_size for ours (default: the schema's)")
     parser.add_argument("--systems", nargs="+", default=[*TRAINERS, "generation"])
     args = parser.parse_args(argv)
     from instructflow.device import bf16_supported
@@ -200,9 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             from instructflow.prepare_model import prepare_model
 
             prepare_model(MODEL_SPEC, model_dir)
-    built = bench_data.build(out / "data", model_dir, args.rows)
+    built = bench_data.build(out / "data", model_dir, args.data.resolve() if args.data else args.rows)
     train, evals = Examples.load(built["train"]), Examples.load(built["eval"])
-    data_info = {"train": bench_data.describe(train), "eval": bench_data.describe(evals)}
+    data_info = {"train": bench_data.describe(train), "eval": bench_data.describe(evals),
+                 "source": args.data.name if args.data else f"{args.rows} generated demo rows"}
     print(f"data: {data_info}", flush=True)
 
     bf16 = bf16_supported(device)
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
            # TRL packs into rows of max_length; this many give it about the tokens of our 16-row step.
            "trl_max_length": trl_max_length, "trl_batch": max(1, round(tokens_per_step / trl_max_length)),
-           "ours": {"batch_size": batch, "micro_batch_size": args.micro_batch, "lr_scheduler": "cosine"},
+           "ours": {"batch_size": batch, "lr_scheduler": "cosine",
+                    **({"micro_batch_size": args.micro_batch} if args.micro_batch else {})},
            "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}
 
     results = {}

@@ -141,17 +141,20 @@ def trl_sft(cfg: dict) -> dict:
 
 
 def computed_tokens(cfg: dict, steps: int) -> list[int]:
-    """Positions the train stage ran per step, padding included: its batch plan is a pure function
-    of (seed, step), so the bench rebuilds it rather than asking the trainer."""
+    """Positions the train stage ran per step, padding included (packed rows have none): its batch
+    plan is a pure function of (seed, step), so the bench rebuilds it rather than asking the trainer."""
     from instructflow.batching import BatchPlanner
-    from instructflow.examples import Examples
     from instructflow.config import train_settings
+    from instructflow.examples import Examples
 
+    settings = train_settings(cfg["ours"])
     examples = Examples.load(cfg["train"])
     lengths = examples.lengths.numpy()
-    planner = BatchPlanner(examples, batch_size=cfg["ours"]["batch_size"], world_size=1,
-                           micro_batch_size=cfg["ours"]["micro_batch_size"], seed=cfg["ours"].get("seed", train_settings({})["seed"]))
-    return [sum(len(rows) * int(lengths[rows].max()) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
+    planner = BatchPlanner(examples, batch_size=settings["batch_size"], world_size=1, pack=settings["packing"],
+                           micro_batch_size=settings["micro_batch_size"], seed=settings["seed"])
+    width = (lambda rows: int(lengths[rows].sum())) if settings["packing"] else \
+        (lambda rows: len(rows) * int(lengths[rows].max()))
+    return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
 def ours(cfg: dict, method: str) -> dict:

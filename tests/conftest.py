@@ -42,7 +42,7 @@ def build_tokenizer(pad_is_eos: bool = False, vocab_size: int = 512):
                                    unk_token=None, chat_template=CHAT_TEMPLATE)
 
 
-def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0):
+def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, attn: str | None = None):
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     common = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
@@ -57,7 +57,7 @@ def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int 
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn).eval()
 
 
 @pytest.fixture(scope="session")

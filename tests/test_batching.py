@@ -55,10 +55,11 @@ def test_each_epoch_covers_rows_without_repetition_and_epochs_differ():
     assert epochs[0] != epochs[1]
 
 
-def test_ranks_get_disjoint_rows_and_the_same_global_batch():
+@pytest.mark.parametrize("pack", [False, True])
+def test_ranks_get_disjoint_rows_and_the_same_global_batch(pack):
     ex = _examples()
-    single = _planner(ex, world_size=1)
-    double = _planner(ex, world_size=2)
+    single = _planner(ex, world_size=1, pack=pack)
+    double = _planner(ex, world_size=2, pack=pack)
     for s in range(6):
         plan = double.step(s)
         r0, r1 = _rows_of(plan, 0), _rows_of(plan, 1)
@@ -66,6 +67,29 @@ def test_ranks_get_disjoint_rows_and_the_same_global_batch():
         assert sorted(r0 + r1) == sorted(_rows_of(single.step(s)))
         assert all(len(micro) == 2 for rank in plan.micro_batches for micro in rank)
         assert plan.trained_tokens == single.step(s).trained_tokens
+
+
+def test_steps_are_random_samples_not_length_sorted_runs():
+    # Rows of one length band per step would make a step one task type on data whose tasks differ in
+    # length; each step must mix lengths as the data does.
+    ex = _examples(n=400)
+    lengths = ex.lengths.numpy()
+    planner = _planner(ex, batch_size=16, micro_batch_size=4)
+    spreads = [np.ptp(lengths[_rows_of(planner.step(s))]) for s in range(20)]
+    assert np.median(spreads) > 0.5 * np.ptp(lengths)
+
+
+def test_micro_batches_balance_tokens_when_packed_and_length_when_padded():
+    ex = _examples(n=400)
+    lengths = ex.lengths.numpy()
+    packed = _planner(ex, batch_size=16, micro_batch_size=4, pack=True)
+    padded = _planner(ex, batch_size=16, micro_batch_size=4)
+    for s in range(10):
+        tokens = [int(lengths[m].sum()) for m in packed.step(s).micro_batches[0]]
+        assert max(tokens) - min(tokens) <= int(np.ptp(lengths[_rows_of(packed.step(s))]))
+        micro = padded.step(s).micro_batches[0]
+        assert [int(lengths[m].max()) for m in micro] == sorted((int(lengths[m].max()) for m in micro), reverse=True)
+        assert all(int(lengths[a].min()) >= int(lengths[b].max()) for a, b in zip(micro, micro[1:]))
 
 
 def test_trained_tokens_counts_labelled_tokens_of_the_global_batch():

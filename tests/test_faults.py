@@ -170,9 +170,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(job, tmp_pat
     real_loss = train_module.response_loss_sum
     calls = []
 
-    def loss_that_turns_nan(model, ids, labels, pos):  # one micro-batch per step: call 7 is step 7
+    def loss_that_turns_nan(model, ids, labels, pos, seq_lens):  # one micro-batch per step: call 7 is step 7
         calls.append(1)
-        loss, count = real_loss(model, ids, labels, pos)
+        loss, count = real_loss(model, ids, labels, pos, seq_lens)
         return (loss * float("nan"), count) if len(calls) >= 7 else (loss, count)
 
     monkeypatch.setattr(train_module, "response_loss_sum", loss_that_turns_nan)

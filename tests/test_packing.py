@@ -1,5 +1,7 @@
 """Packing and padding give the loss of the rows run one by one: no cross-row attention, positions
-restart per row, padding is never trained. For every architecture the test fixtures build."""
+restart per row, padding is never trained. For every architecture the test fixtures build, through
+both attention paths packed rows can take: instructflow's row-by-row attention (the default) and
+transformers' SDPA with the block-diagonal mask it builds from position ids."""
 
 from __future__ import annotations
 
@@ -7,33 +9,36 @@ import pytest
 import torch
 
 from conftest import ARCHS, build_model
+from instructflow import attention
 from instructflow.batching import collate
 from instructflow.examples import IGNORE_INDEX, Examples
 from instructflow.loss import response_loss_sum
 
 VOCAB, EOS, PAD = 64, 0, 1
+KERNELS = (attention.register(), "sdpa")
 
 
-def _examples(seed: int = 0) -> Examples:
+def _examples(seed: int = 0, shape=((9, 4), (17, 10), (5, 2), (12, 7))) -> Examples:
     gen = torch.Generator().manual_seed(seed)
     rows, plens = [], []
-    for length, plen in ((9, 4), (17, 10), (5, 2), (12, 7)):
+    for length, plen in shape:
         ids = torch.randint(2, VOCAB, (length,), generator=gen).tolist()
         rows.append((ids, [IGNORE_INDEX] * plen + ids[plen:]))
         plens.append(plen)
     return Examples.from_rows(rows, list(range(len(rows))), plens,
-                              {"eos_token_id": EOS, "pad_token_id": PAD, "max_length": 64})
+                              {"eos_token_id": EOS, "pad_token_id": PAD, "max_length": 512})
 
 
 def _loss(model, batch) -> tuple[float, int]:
     with torch.no_grad():
-        loss, n = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+        loss, n = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_lens"])
     return float(loss), n
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_and_padded_loss_equal_rows_one_by_one(arch):
-    model = build_model(arch, VOCAB, EOS, PAD)
+def test_packed_and_padded_loss_equal_rows_one_by_one(arch, kernel):
+    model = build_model(arch, VOCAB, EOS, PAD, attn=kernel)
     examples = _examples()
     rows = list(range(len(examples)))
     singles = [_loss(model, collate(examples, [i], pack=False)) for i in rows]
@@ -43,21 +48,34 @@ def test_packed_and_padded_loss_equal_rows_one_by_one(arch):
         assert n == count
         assert loss == pytest.approx(expected, rel=1e-5), f"pack={pack}"
 
-    # The check can fail: without positions restarting per row, packed rows see each other.
+    # The check can fail: without the row boundaries, packed rows see each other.
     packed = collate(examples, rows, pack=True)
-    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)}
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0), "seq_lens": None}
     assert _loss(model, leaky)[0] != pytest.approx(expected, rel=1e-3)
 
 
-def test_packed_gradients_match_padded():
-    model = build_model("llama", VOCAB, EOS, PAD)
-    examples = _examples(seed=1)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_gradients_match_padded(kernel):
+    model = build_model("llama", VOCAB, EOS, PAD, attn=kernel)
+    # Lengths on both sides of attention.MATMUL_MAX_LENGTH, so both of its paths run.
+    examples = _examples(seed=1, shape=((9, 4), (300, 100), (5, 2), (270, 30), (12, 7), (2, 1)))
     rows = list(range(len(examples)))
     grads = []
     for pack in (False, True):
         model.zero_grad()
         batch = collate(examples, rows, pack=pack)
-        loss, _ = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+        loss, _ = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_lens"])
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_row_groups_cover_every_row_once_with_bounded_length_spread():
+    lengths = [120, 7, 300, 119, 64, 1, 90, 256, 257, 0]
+    groups = attention.group_rows(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest, shortest = lengths[group[0]], min(lengths[i] for i in group)
+        assert longest == max(lengths[i] for i in group)
+        assert len(group) == 1 or (longest <= attention.MATMUL_MAX_LENGTH
+                                   and longest <= attention.GROUP_LENGTH_RATIO * max(shortest, 1))

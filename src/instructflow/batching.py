@@ -2,8 +2,11 @@
 computes the same plan without talking to the others and a resumed run continues exactly where it
 stopped.
 
-Rows are shuffled per epoch, then sorted by length inside windows of many batches, so a batch holds
-rows of similar length and padding (or packing waste) stays small while batches stay random.
+Rows are shuffled per epoch and each step takes the next batch_size of them, so every step is a
+random sample of the data. (Sorting rows by length across many batches saved padding but made a step
+nearly one task type on data whose tasks differ in length, and held-out loss suffered; packing now
+removes the padding instead.) Inside a step the rows are ordered by length: ranks get similar amounts
+of work, padded micro-batches hold rows of similar length, and packed micro-batches similar token counts.
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ import torch
 
 from .examples import IGNORE_INDEX, Examples
 
-WINDOW_BATCHES = 16
-
-
 @dataclass(frozen=True)
 class StepPlan:
     """One optimiser step: micro_batches[rank] is that rank's list of row-index lists."""
@@ -27,7 +27,8 @@ class StepPlan:
 
 
 class BatchPlanner:
-    def __init__(self, examples: Examples, *, batch_size: int, micro_batch_size: int, world_size: int, seed: int):
+    def __init__(self, examples: Examples, *, batch_size: int, micro_batch_size: int, world_size: int, seed: int,
+                 pack: bool = False):
         if batch_size % (micro_batch_size * world_size):
             raise ValueError(
                 f"train.batch_size ({batch_size}) must be a multiple of train.micro_batch_size "
@@ -37,7 +38,7 @@ class BatchPlanner:
             raise ValueError(f"only {len(examples)} training rows, fewer than train.batch_size ({batch_size})")
         self.lengths = examples.lengths.numpy()
         self.trained = _trained_per_row(examples)
-        self.batch_size, self.micro, self.world, self.seed = batch_size, micro_batch_size, world_size, seed
+        self.batch_size, self.micro, self.world, self.seed, self.pack = batch_size, micro_batch_size, world_size, seed, pack
         self.steps_per_epoch = len(examples) // batch_size
         self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
 
@@ -46,23 +47,23 @@ class BatchPlanner:
             return self._epoch_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))[: self.steps_per_epoch * self.batch_size]
-        window = self.batch_size * WINDOW_BATCHES
-        batches = []
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         self._epoch_cache = (epoch, batches)
         return batches
 
     def step(self, step: int) -> StepPlan:
         rows = self._epoch(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+        rows = rows[np.argsort(-self.lengths[rows], kind="stable")]
         per_rank = []
         for rank in range(self.world):
-            # Interleaving the length-sorted rows gives every rank a similar amount of work.
+            # Dealing the length-sorted rows round-robin gives every rank a similar amount of work.
             mine = rows[rank :: self.world]
-            per_rank.append([mine[i : i + self.micro].tolist() for i in range(0, len(mine), self.micro)])
+            n_micro = len(mine) // self.micro
+            if self.pack:  # dealt again: micro-batches of similar token counts (similar peak memory)
+                micro = [mine[j::n_micro] for j in range(n_micro)]
+            else:  # consecutive: each padded micro-batch holds rows of similar length
+                micro = [mine[i : i + self.micro] for i in range(0, len(mine), self.micro)]
+            per_rank.append([m.tolist() for m in micro])
         return StepPlan(per_rank, int(self.trained[rows].sum()))
 
 
@@ -74,18 +75,20 @@ def _trained_per_row(examples: Examples) -> np.ndarray:
 
 def collate(examples: Examples, rows: list[int], *, pack: bool) -> dict[str, torch.Tensor]:
     """Right-padded [B, L] tensors (pad label -100, no attention mask needed under causal attention),
-    or with ``pack`` one [1, sum(L)] row whose position ids restart at 0 for each source row, which
-    transformers turns into a block-diagonal mask so rows never attend to each other."""
+    or with ``pack`` one [1, sum(L)] row whose position ids restart at 0 for each source row, plus the
+    row lengths (``seq_lens``). attention.segment_attention runs each row on its own from those lengths;
+    other attention implementations get a block-diagonal mask from the position ids. Either way rows
+    never attend to each other."""
     pieces = [examples.get(i) for i in rows]
     if pack:
         ids = torch.cat([p[0] for p in pieces]).long().unsqueeze(0)
         labels = torch.cat([p[1] for p in pieces]).long().unsqueeze(0)
         position_ids = torch.cat([torch.arange(len(p[0])) for p in pieces]).unsqueeze(0)
-        return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+        return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "seq_lens": [len(p[0]) for p in pieces]}
     width = max(len(p[0]) for p in pieces)
     ids = torch.full((len(pieces), width), examples.pad_token_id, dtype=torch.long)
     labels = torch.full((len(pieces), width), IGNORE_INDEX, dtype=torch.long)
     for b, (row_ids, row_labels) in enumerate(pieces):
         ids[b, : len(row_ids)] = row_ids
         labels[b, : len(row_labels)] = row_labels
-    return {"input_ids": ids, "labels": labels, "position_ids": None}
+    return {"input_ids": ids, "labels": labels, "position_ids": None, "seq_lens": None}

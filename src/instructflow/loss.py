@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import segment_kwargs
 from .examples import IGNORE_INDEX
 
 
@@ -43,17 +44,20 @@ def response_loss_sum(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    seq_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over labelled next-token positions, and how many there were.
 
     The caller divides by the total count of labelled tokens across all micro-batches (and ranks)
     of an optimiser step, so gradient accumulation gives the same gradient as one large batch.
     Padding is on the right with label -100, so no attention mask is needed: causal attention
-    never lets a real token see the padding after it.
+    never lets a real token see the padding after it. For packed rows, ``seq_lens`` (the row lengths)
+    reach the attention as FlashAttention-varlen row boundaries (see attention.py).
     """
     inner = _unwrap(model)
     backbone = inner.base_model
-    outputs = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    extra = segment_kwargs(seq_lens, input_ids.device) if seq_lens else {}
+    outputs = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
 from .config import train_settings
+from . import attention
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -55,8 +56,8 @@ class ResponseLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, position_ids):
-        return response_loss_sum(self.model, input_ids, labels, position_ids)
+    def forward(self, input_ids, labels, position_ids, seq_lens):
+        return response_loss_sum(self.model, input_ids, labels, position_ids, seq_lens)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
@@ -81,9 +82,18 @@ def fingerprint(settings: dict, train_path: Path, model_dir: Path) -> str:
 def build_model(model_dir: Path, settings: dict):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation=attention_kernel(),
-                                                 trust_remote_code=settings.get("trust_remote_code", False))
+    kernel = attention_kernel()
+    if settings["packing"] and kernel is None:
+        kernel = attention.register()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=kernel,
+                                                     trust_remote_code=settings.get("trust_remote_code", False))
+    except ValueError as err:
+        if kernel != attention.NAME:
+            raise
+        # Without the attention interface, packed rows could attend to each other: refuse, don't guess.
+        raise TrainingError(f"this model's architecture does not support packed training ({err}); "
+                            "set train.packing: false") from err
     model.config.use_cache = False
     if settings["method"] == "lora":
         from peft import LoraConfig, get_peft_model
@@ -143,7 +153,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
 
     examples = Examples.load(train_path)
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
-                           world_size=world, seed=settings["seed"])
+                           world_size=world, seed=settings["seed"], pack=settings["packing"])
     row_lengths = examples.lengths
     model = build_model(model_dir, settings)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,11 +202,12 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             pos = batch["position_ids"].to(device) if batch["position_ids"] is not None else None
+            seq_lens = batch["seq_lens"]
             # Only the last micro-batch of a step all-reduces gradients across processes.
             sync = accelerator.no_sync(wrapped) if i < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device, enabled=use_bf16):
-                    loss_sum, _ = wrapped(ids, labels, pos)
+                    loss_sum, _ = wrapped(ids, labels, pos, seq_lens)
                 # DDP averages gradients over ranks; scaling by world keeps the global token mean.
                 accelerator.backward(loss_sum * world / plan.trained_tokens)
             step_loss += loss_sum.detach()
