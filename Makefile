@@ -42,9 +42,11 @@ lint: setup
 
 # Throughput, memory and held-out loss beside the 2023 recipe and TRL, plus preprocessing and
 # generation speed, in one run (~15 min on 2 CPU cores); writes bench/out/ and docs/benchmarks.md.
+# On your own data: make bench BENCH_DATA=path/to/instructions.jsonl (default: generated demo rows).
+BENCH_DATA ?=
 bench: setup
 	$(PY) -m pip install -q -r requirements-bench.txt
-	source $(VENV)/bin/activate && nice python -m bench.run --docs docs/benchmarks.md
+	source $(VENV)/bin/activate && nice python -m bench.run --docs docs/benchmarks.md $(if $(BENCH_DATA),--data $(BENCH_DATA))
 
 demo-data: setup
 	$(PY) -m instructflow.demo_data --out resources/demo/instructions.csv

@@ -4,7 +4,8 @@
 
 Systems, all on the same model, rows, schedule and machine:
   recipe_2023  transformers Trainer, rows padded to 512, fp32, batch 8, labels = input_ids (few steps: slow)
-  trl          TRL SFTTrainer: packing (padding-free), bf16, completion-only loss, no gradient checkpointing
+  trl          TRL SFTTrainer: padding-free, bf16, completion-only loss, no gradient checkpointing, on the
+               same rows per step and micro-batch sizes as ours (equal trained tokens and schedule)
   ours_full    instructflow.train, full fine-tuning
   ours_lora    instructflow.train, LoRA
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
@@ -94,7 +95,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
     return rows
 
 
-LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFTTrainer (packed, padding-free)",
+LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFTTrainer (padding-free, same rows)",
           "ours_full": "instructflow full", "ours_lora": "instructflow LoRA"}
 
 
@@ -155,17 +156,21 @@ NOTES = """
 ## How to read it
 
 - The 2023 recipe computes 512 positions per row whatever the row's length, in fp32, with logits over
-  the whole vocabulary at every position; TRL packs rows (no padding) but still projects every position
-  onto the vocabulary; instructflow pads each length-sorted micro-batch only to its longest row and
-  builds logits only where a response token is predicted (src/instructflow/loss.py).
-- Peak RSS of full fine-tuning is dominated by fixed costs: fp32 weights, gradients and two AdamW
-  moments (4 x 4 bytes x 134.5 M = 2.2 GB), the runtime (~0.35 GB), bf16 copies of the weights that
-  autocast keeps for backward (0.27 GB), then activations (~1.2 MB per token under bf16 autocast)
-  and memory glibc keeps after frees. Fused AdamW avoids the foreach path's parameter-sized temporaries.
-  Fixing glibc's mmap threshold (MALLOC_TOP_PAD_=0 or mallopt) returned ~0.4-0.8 GB but cost ~25% of
-  the throughput here, so it is not the default. LoRA needs no gradients or moments for frozen weights.
+  the whole vocabulary at every position. TRL packs rows (no padding) but still projects every position
+  onto the vocabulary. instructflow takes a random sample of rows per step, packs each micro-batch into
+  one row without padding, runs attention row by row (src/instructflow/attention.py: rows of similar
+  length batched, matmul + softmax for short rows, SDPA's fused kernel for long ones) and builds logits
+  only where a response token is predicted (src/instructflow/loss.py).
+- Peak RSS of full fine-tuning is dominated by fixed costs: fp32 weights and two AdamW moments
+  (3 x 4 bytes x 134.5 M = 1.6 GB) plus the runtime (~0.35 GB) stay between steps; during a step come
+  the fp32 gradients (0.54 GB), the bf16 copies of the weights autocast keeps for backward (0.27 GB) and
+  the activations of one micro-batch (`train.micro_batch_size` rows: fewer rows, less memory), and glibc
+  keeps freed memory for reuse. Measured with an RSS sampler (micro-batches of 4 Alpaca rows): 2.0 GiB
+  between steps after `malloc_trim`, 3.7 GiB peak inside a step either way; a fixed mmap threshold or a
+  single malloc arena did not lower the peak. 3 GiB is out of reach with fp32 AdamW states;
+  LoRA needs no gradients or moments for frozen weights.
 - On a GPU the same code runs bf16 autocast and, where flash_attn is installed, FlashAttention-2
-  (varlen kernels for packed rows), else PyTorch SDPA.
+  (its varlen kernels read the same row boundaries), else the row-by-row attention above.
 """
 
 
@@ -210,11 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = bf16_supported(device)
     batch = 16
     tokens_per_step = batch * data_info["train"]["mean_tokens"]
-    trl_max_length = 512
     cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
-           # TRL packs into rows of max_length; this many give it about the tokens of our 16-row step.
-           "trl_max_length": trl_max_length, "trl_batch": max(1, round(tokens_per_step / trl_max_length)),
+
            "ours": {"batch_size": batch, "lr_scheduler": "cosine",
                     **({"micro_batch_size": args.micro_batch} if args.micro_batch else {})},
            "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}

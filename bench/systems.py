@@ -19,9 +19,9 @@ from .common import IGNORE_INDEX, peak_rss_mib, write_json
 
 
 # ------------------------------------------------------------------------- transformers Trainer glue
-def _timed_trainer_steps(trainer, counts: list[dict]) -> list[dict]:
+def _timed_trainer_steps(trainer, counts: list[dict], accumulation: int = 1) -> list[dict]:
     """Train, timing each optimiser step with a callback; ``counts`` is filled by the collator,
-    one entry per batch (no gradient accumulation, no dataloader workers: batch i is step i)."""
+    one entry per batch (no dataloader workers: batches i*accumulation ... are step i)."""
     from transformers import TrainerCallback
 
     times: list[float] = []
@@ -35,7 +35,9 @@ def _timed_trainer_steps(trainer, counts: list[dict]) -> list[dict]:
 
     trainer.add_callback(StepTimer())
     trainer.train()
-    return [{"seconds": t, **c} for t, c in zip(times, counts)]
+    per_step = [{k: sum(c[k] for c in counts[i : i + accumulation]) for k in counts[i]}
+                for i in range(0, len(counts), accumulation)]
+    return [{"seconds": t, **c} for t, c in zip(times, per_step)]
 
 
 def _load_model(model_dir: str):
@@ -101,26 +103,46 @@ def recipe_2023(cfg: dict) -> dict:
 
 
 def trl_sft(cfg: dict) -> dict:
-    """TRL's SFTTrainer as its docs recommend for speed: BFD packing into padding-free batches,
-    bf16, completion-only loss, gradient checkpointing off; optimiser settings matched to ours."""
+    """TRL's SFTTrainer as its docs recommend for speed: padding-free batches (rows flattened into one
+    sequence, position ids restarting per row), bf16, completion-only loss, gradient checkpointing off;
+    optimiser settings matched to ours. It trains on exactly the rows our train stage takes at each
+    step, in micro-batches of the same size (its dataset is laid out in our batch plan's order and read
+    sequentially), so the held-out losses compare at the same rows, trained tokens and schedule."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from instructflow.batching import BatchPlanner
+    from instructflow.config import train_settings
     from instructflow.evaluate import eval_loss
     from instructflow.examples import Examples
+    from instructflow.train import lr_factor
 
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
-    prompts, responses, _, _ = _rows(cfg)
-    dataset = Dataset.from_dict({"prompt": prompts, "completion": responses})
-    args = SFTConfig(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["trl_batch"],
-                     max_length=cfg["trl_max_length"], packing=True, packing_strategy="bfd", padding_free=True,
+    prompts, responses, _, train = _rows(cfg)
+    ours = train_settings(cfg["ours"])
+    planner = BatchPlanner(train, batch_size=ours["batch_size"], micro_batch_size=ours["micro_batch_size"],
+                           world_size=1, seed=ours["seed"], pack=ours["packing"])
+    order = [r for step in range(cfg["steps"]) for micro in planner.step(step).micro_batches[0] for r in micro]
+    dataset = Dataset.from_dict({"prompt": [prompts[r] for r in order], "completion": [responses[r] for r in order]})
+    accumulation = ours["batch_size"] // ours["micro_batch_size"]
+    args = SFTConfig(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=ours["micro_batch_size"],
+                     gradient_accumulation_steps=accumulation, train_sampling_strategy="sequential",
+                     # Rows are already within the tokenize stage's max_length (TRL refuses to enforce one here).
+                     max_length=None, packing=False, padding_free=True,
                      pad_to_multiple_of=None, completion_only_loss=True, gradient_checkpointing=False,
                      bf16=cfg["bf16"], learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
                      warmup_steps=cfg["warmup_steps"], weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
                      use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1000,
                      dataloader_num_workers=0, disable_tqdm=True, seed=42)
-    trainer = SFTTrainer(model=_load_model(cfg["model"]), args=args, train_dataset=dataset, processing_class=tokenizer)
+    # Our optimiser and learning-rate schedule, step for step (transformers' warm-up starts at lr 0).
+    model = _load_model(cfg["model"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=(0.9, 0.95), weight_decay=0.0,
+                                  fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=cfg["warmup_steps"], total=cfg["steps"], kind="cosine"))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         optimizers=(optimizer, scheduler))
     inner = trainer.data_collator
     counts: list[dict] = []
 
@@ -132,7 +154,7 @@ def trl_sft(cfg: dict) -> dict:
         return batch
 
     trainer.data_collator = collate
-    steps = _timed_trainer_steps(trainer, counts)
+    steps = _timed_trainer_steps(trainer, counts, accumulation)
     rss = peak_rss_mib()
     model = trainer.model.eval()
     loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])

@@ -103,9 +103,9 @@ def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_di
 
 def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, train_tokens):
     model_dir = tiny_model_dir("llama")
-    padded, _ = _train(tmp_path, model_dir, train_tokens, "padded")
-    packed, summary = _train(tmp_path, model_dir, train_tokens, "packed", packing=True)
-    assert summary["packing"] is True
+    padded, unpacked = _train(tmp_path, model_dir, train_tokens, "padded", packing=False)
+    packed, summary = _train(tmp_path, model_dir, train_tokens, "packed")  # the default
+    assert summary["packing"] is True and unpacked["packing"] is False
     assert _losses(packed) == pytest.approx(_losses(padded), abs=1e-4)
 
 
