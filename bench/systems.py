@@ -102,12 +102,16 @@ def recipe_2023(cfg: dict) -> dict:
             "parameters": sum(p.numel() for p in trainer.model.parameters())}
 
 
-def trl_sft(cfg: dict) -> dict:
-    """TRL's SFTTrainer as its docs recommend for speed: padding-free batches (rows flattened into one
-    sequence, position ids restarting per row), bf16, completion-only loss, gradient checkpointing off;
-    optimiser settings matched to ours. It trains on exactly the rows our train stage takes at each
-    step, in micro-batches of the same size (its dataset is laid out in our batch plan's order and read
-    sequentially), so the held-out losses compare at the same rows, trained tokens and schedule."""
+def trl_sft(cfg: dict, packed: bool) -> dict:
+    """TRL's SFTTrainer as its docs recommend for speed: padding-free batches (rows flattened, position
+    ids restarting per row), bf16, completion-only loss, gradient checkpointing off; our optimiser and
+    learning-rate schedule.
+
+    packed=False: it trains on exactly the rows our train stage takes at each step, in micro-batches of
+    the same size (its dataset is laid out in our batch plan's order and read sequentially), so the
+    held-out losses compare at the same rows, trained tokens and schedule.
+    packed=True: the issue's reference setup: its own shuffled rows, BFD-packed into rows of 512 tokens,
+    as many per step as give about the tokens of our step."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -123,14 +127,18 @@ def trl_sft(cfg: dict) -> dict:
     ours = train_settings(cfg["ours"])
     planner = BatchPlanner(train, batch_size=ours["batch_size"], micro_batch_size=ours["micro_batch_size"],
                            world_size=1, seed=ours["seed"], pack=ours["packing"])
-    order = [r for step in range(cfg["steps"]) for micro in planner.step(step).micro_batches[0] for r in micro]
-    dataset = Dataset.from_dict({"prompt": [prompts[r] for r in order], "completion": [responses[r] for r in order]})
-    accumulation = ours["batch_size"] // ours["micro_batch_size"]
-    args = SFTConfig(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=ours["micro_batch_size"],
-                     gradient_accumulation_steps=accumulation, train_sampling_strategy="sequential",
-                     # Rows are already within the tokenize stage's max_length (TRL refuses to enforce one here).
-                     max_length=None, packing=False, padding_free=True,
-                     pad_to_multiple_of=None, completion_only_loss=True, gradient_checkpointing=False,
+    if packed:
+        dataset = Dataset.from_dict({"prompt": prompts, "completion": responses})
+        accumulation, micro = 1, max(1, round(ours["batch_size"] * float(train.lengths.float().mean()) / 512))
+        layout = {"train_sampling_strategy": "random", "max_length": 512, "packing": True, "packing_strategy": "bfd"}
+    else:
+        order = [r for step in range(cfg["steps"]) for m in planner.step(step).micro_batches[0] for r in m]
+        dataset = Dataset.from_dict({"prompt": [prompts[r] for r in order], "completion": [responses[r] for r in order]})
+        accumulation, micro = ours["batch_size"] // ours["micro_batch_size"], ours["micro_batch_size"]
+        # Rows are already within the tokenize stage's max_length (TRL refuses to enforce one here).
+        layout = {"train_sampling_strategy": "sequential", "max_length": None, "packing": False}
+    args = SFTConfig(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=accumulation, **layout, padding_free=True, pad_to_multiple_of=None, completion_only_loss=True, gradient_checkpointing=False,
                      bf16=cfg["bf16"], learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
                      warmup_steps=cfg["warmup_steps"], weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
                      use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1000,
@@ -233,7 +241,8 @@ def generation(cfg: dict) -> dict:
 
 SYSTEMS = {
     "recipe_2023": recipe_2023,
-    "trl": trl_sft,
+    "trl": lambda cfg: trl_sft(cfg, packed=False),
+    "trl_packed": lambda cfg: trl_sft(cfg, packed=True),
     "ours_full": lambda cfg: ours(cfg, "full"),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
