@@ -11,7 +11,7 @@ from pathlib import Path
 from instructflow.clean import run_clean
 from instructflow.demo_data import WORDS, generate, write_csv
 from instructflow.examples import Examples
-from instructflow.io import read_parquet
+from instructflow.io import read_json, read_parquet
 from instructflow.render import run_render
 from instructflow.tokenization import run_tokenize
 
@@ -56,7 +56,7 @@ def build(work: Path, model_dir: Path, rows: int | list | Path, *, seed: int = 1
     run_tokenize(work / "prompts.parquet", model_dir, work / "train.safetensors", work / "eval.safetensors",
                  work / "tokenize_rejected.parquet", work / "audit.json", max_length=MAX_LENGTH)
     seconds["tokenize"] = time.perf_counter() - t0
-    rows = len(read_parquet(work / "clean.parquet")) + len(read_parquet(work / "clean_rejected.parquet"))
+    rows = read_json(work / "clean_report.json")["rows_in"]
     return {"rows": rows, "seconds": seconds, "total_seconds": sum(seconds.values()),
             "prompts": work / "prompts.parquet", "train": work / "train.safetensors", "eval": work / "eval.safetensors"}
 

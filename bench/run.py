@@ -218,10 +218,8 @@ def main(argv: list[str] | None = None) -> None:
 
     bf16 = bf16_supported(device)
     batch = 16
-    tokens_per_step = batch * data_info["train"]["mean_tokens"]
     cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
-
            "ours": {"batch_size": batch, "lr_scheduler": "cosine",
                     **({"micro_batch_size": args.micro_batch} if args.micro_batch else {})},
            "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}

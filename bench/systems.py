@@ -125,22 +125,22 @@ def trl_sft(cfg: dict, packed: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     prompts, responses, _, train = _rows(cfg)
     ours = train_settings(cfg["ours"])
-    planner = BatchPlanner(train, batch_size=ours["batch_size"], micro_batch_size=ours["micro_batch_size"],
-                           world_size=1, seed=ours["seed"], pack=ours["packing"])
     if packed:
         dataset = Dataset.from_dict({"prompt": prompts, "completion": responses})
         accumulation, micro = 1, max(1, round(ours["batch_size"] * float(train.lengths.float().mean()) / 512))
         layout = {"train_sampling_strategy": "random", "max_length": 512, "packing": True, "packing_strategy": "bfd"}
     else:
+        planner = BatchPlanner(train, batch_size=ours["batch_size"], micro_batch_size=ours["micro_batch_size"],
+                               world_size=1, seed=ours["seed"], pack=ours["packing"])
         order = [r for step in range(cfg["steps"]) for m in planner.step(step).micro_batches[0] for r in m]
         dataset = Dataset.from_dict({"prompt": [prompts[r] for r in order], "completion": [responses[r] for r in order]})
         accumulation, micro = ours["batch_size"] // ours["micro_batch_size"], ours["micro_batch_size"]
         # Rows are already within the tokenize stage's max_length (TRL refuses to enforce one here).
         layout = {"train_sampling_strategy": "sequential", "max_length": None, "packing": False}
+    # Learning rate, betas, weight decay and schedule come with the optimiser and scheduler below.
     args = SFTConfig(output_dir=cfg["work"], max_steps=cfg["steps"], per_device_train_batch_size=micro,
-                     gradient_accumulation_steps=accumulation, **layout, padding_free=True, pad_to_multiple_of=None, completion_only_loss=True, gradient_checkpointing=False,
-                     bf16=cfg["bf16"], learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
-                     warmup_steps=cfg["warmup_steps"], weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
+                     gradient_accumulation_steps=accumulation, **layout, padding_free=True, pad_to_multiple_of=None,
+                     completion_only_loss=True, gradient_checkpointing=False, bf16=cfg["bf16"], max_grad_norm=1.0,
                      use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1000,
                      dataloader_num_workers=0, disable_tqdm=True, seed=42)
     # Our optimiser and learning-rate schedule, step for step (transformers' warm-up starts at lr 0).

@@ -53,14 +53,6 @@ def group_rows(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _expand_kv(module, key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = heads // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    return key, value
-
-
 def _matmul_causal(query, key, value, scaling: float, dropout: float) -> torch.Tensor:
     """Causal attention by matmul + softmax for a right-padded [S, H, L, D] batch: padding sits after
     every real token of its row, so the causal mask alone keeps real tokens from seeing it."""
@@ -81,7 +73,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
                       cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
     """transformers attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] ->
     ([B, T, H, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)
@@ -91,7 +83,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     bounds = cu_seq_lens_q.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     heads, dim = query.shape[1], query.shape[-1]
-    key, value = _expand_kv(module, key, value, heads)
+    # Grouped-query attention: each key/value head serves heads // key_heads query heads.
+    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     scale = scaling if scaling is not None else dim**-0.5
     pieces: list[torch.Tensor | None] = [None] * len(lengths)
     for group in group_rows(lengths):
