@@ -81,3 +81,46 @@ def test_loss_through_a_peft_wrapper_and_empty_batches(model):
 
     empty, n_empty = response_loss_sum(model, batch["input_ids"], torch.full_like(batch["labels"], IGNORE_INDEX))
     assert n_empty == 0 and float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_linear_cross_entropy_matches_linear_then_cross_entropy(monkeypatch, autocast):
+    import torch.nn.functional as F
+
+    from instructflow import loss as loss_module
+
+    # Small chunks so the rows span several of them, the last one partial.
+    monkeypatch.setattr(loss_module, "CHUNK_ROWS", 4)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (11,), generator=g)
+
+    def run(fn):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = fn()
+        (value * 0.5).backward()
+        return value.detach(), hidden.grad.clone(), weight.grad.clone()
+
+    fused = run(lambda: loss_module.linear_cross_entropy(hidden, weight, targets))
+    plain = run(lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum"))
+    assert fused[0].dtype == torch.float32 and fused[1].dtype == fused[2].dtype == torch.float32
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_loss_is_used_for_a_plain_head_and_not_for_softcapped_logits(model, monkeypatch):
+    from instructflow import loss as loss_module
+
+    calls = []
+    real = loss_module.linear_cross_entropy
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
+    batch = collate(_examples(), [0, 1], pack=False)
+    fused, _ = response_loss_sum(model, batch["input_ids"], batch["labels"])
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 0.5, raising=False)
+    capped, _ = response_loss_sum(model, batch["input_ids"], batch["labels"])
+    assert not calls and not torch.allclose(fused, capped)

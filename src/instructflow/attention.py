@@ -16,6 +16,8 @@ than the fused SDPA kernel's backward for rows of a few hundred tokens, and long
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 NAME = "instructflow_segments"
@@ -69,6 +71,25 @@ def _matmul_causal(query, key, value, scaling: float, dropout: float) -> torch.T
     return torch.matmul(probs, value)
 
 
+@functools.lru_cache(maxsize=4)
+def _layout(bounds: tuple[int, ...], device: torch.device) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    """Where each row's tokens go in the padded group batches, made once per packed micro-batch (every
+    layer asks for the same row boundaries). Returns per group (rows, width); the token index of every
+    slot of every group, flattened (slots past a row's end repeat its last token: their outputs are
+    dropped, and causality keeps them out of real tokens' attention); and for every token, its slot."""
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    shapes, slot_token, token_slot = [], [], [0] * bounds[-1]
+    for group in group_rows(lengths):
+        width = lengths[group[0]]
+        shapes.append((len(group), width))
+        for i in group:
+            base = len(slot_token)
+            slot_token.extend(bounds[i] + min(p, lengths[i] - 1) for p in range(width))
+            token_slot[bounds[i]:bounds[i + 1]] = range(base, base + lengths[i])
+    as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return shapes, as_index(slot_token), as_index(token_slot)
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
     """transformers attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] ->
@@ -80,32 +101,29 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds = cu_seq_lens_q.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    shapes, slot_token, token_slot = _layout(tuple(cu_seq_lens_q.tolist()), query.device)
     heads, dim = query.shape[1], query.shape[-1]
-    # Grouped-query attention: each key/value head serves heads // key_heads query heads.
-    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     scale = scaling if scaling is not None else dim**-0.5
-    pieces: list[torch.Tensor | None] = [None] * len(lengths)
-    for group in group_rows(lengths):
-        width = lengths[group[0]]
+    # One gather per tensor for all groups (squeeze, unlike [0], has a free backward): [slots, H, D].
+    q, k, v = (t.squeeze(0).transpose(0, 1).index_select(0, slot_token) for t in (query, key, value))
+    outputs, start = [], 0
+    for rows, width in shapes:
+        part = slice(start, start + rows * width)
+        start += rows * width
         if width == 0:
-            for i in group:
-                pieces[i] = query.new_zeros(0, heads, dim)
             continue
-        # Token index of every (row, position) slot; slots past a row's end repeat its last token
-        # (their outputs are dropped below, and causality keeps them out of real tokens' attention).
-        index = torch.stack([bounds[i] + torch.arange(width, device=query.device).clamp(max=lengths[i] - 1)
-                             for i in group])  # [S, L]
-        q, k, v = (t[0].transpose(0, 1)[index].transpose(1, 2) for t in (query, key, value))  # [S, H, L, D]
+        gq, gk, gv = (t[part].view(rows, width, t.shape[1], dim).transpose(1, 2) for t in (q, k, v))  # [S, H, L, D]
+        # Grouped-query attention: each key/value head serves heads // key_heads query heads.
+        gk, gv = repeat_kv(gk, heads // gk.shape[1]), repeat_kv(gv, heads // gv.shape[1])
         if width <= MATMUL_MAX_LENGTH:
-            o = _matmul_causal(q, k, v, scale, dropout)
+            o = _matmul_causal(gq, gk, gv, scale, dropout)
         else:
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
-        o = o.transpose(1, 2)  # [S, L, H, D]
-        for j, i in enumerate(group):
-            pieces[i] = o[j, : lengths[i]]
-    return torch.cat(pieces).unsqueeze(0), None  # [1, T, H, D]
+            o = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, is_causal=True, scale=scale,
+                                                                 dropout_p=dropout)
+        outputs.append(o.transpose(1, 2).reshape(rows * width, heads, dim))
+    if not outputs:
+        return query.new_zeros(1, 0, heads, dim), None
+    return torch.cat(outputs).index_select(0, token_slot).unsqueeze(0), None  # [1, T, H, D]
 
 
 def register() -> str:
