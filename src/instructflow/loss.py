@@ -81,10 +81,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, w, grad_logits = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = grad_weight = None
+        # In place: the weight's gradient is vocabulary-sized (113 MB in fp32 for SmolLM2).
         if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ w).to(hidden_dtype) * grad_loss
+            grad_hidden = (grad_logits @ w).to(hidden_dtype).mul_(grad_loss)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_logits.T @ h).to(weight_dtype) * grad_loss
+            grad_weight = (grad_logits.T @ h).to(weight_dtype).mul_(grad_loss)
         return grad_hidden, grad_weight, None, None
 
 

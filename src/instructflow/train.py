@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
 from .config import train_settings
-from . import allocator, attention
+from . import attention
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -143,7 +143,6 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
 
     extra = {k: settings[k] for k in EXTRA_SETTINGS if k in settings}
     settings = {**train_settings({k: v for k, v in settings.items() if k not in EXTRA_SETTINGS}), **extra}
-    allocator.keep_large_blocks()
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
