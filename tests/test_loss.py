@@ -105,6 +105,10 @@ def test_fused_linear_cross_entropy_matches_linear_then_cross_entropy(monkeypatc
 
     fused = run(lambda: loss_module.linear_cross_entropy(hidden, weight, targets))
     plain = run(lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        evaluated = loss_module.linear_cross_entropy(hidden, weight, targets)
+    assert not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, fused[0])
     assert fused[0].dtype == torch.float32 and fused[1].dtype == fused[2].dtype == torch.float32
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
     for a, b in zip(fused, plain):

@@ -49,6 +49,13 @@ def _final_logit_transform(config):
 CHUNK_ROWS = 128
 
 
+def _logit_chunks(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor):
+    """(rows, fp32 logits, targets) for CHUNK_ROWS rows at a time."""
+    for start in range(0, h.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        yield rows, (h[rows] @ w.T).float(), targets[rows]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), with the gradient of the logits made in the forward pass.
 
@@ -62,11 +69,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            logits = (h[rows] @ w.T).float()
+        for rows, logits, t in _logit_chunks(h, w, targets):
             lse = torch.logsumexp(logits, dim=-1)
-            t = targets[rows]
             picked = logits.gather(1, t[:, None]).squeeze(1)
             loss += (lse - picked).sum()
             probs = logits.sub_(lse[:, None]).exp_()
@@ -93,7 +97,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, in the autocast dtype if any."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+    # Evaluation: the same chunked loss without making (and keeping) the logits' gradient.
+    h, w = hidden.to(dtype), weight.to(dtype)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for _, logits, t in _logit_chunks(h, w, targets):
+        loss += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+    return loss
 
 
 def _fusable(head: torch.nn.Module, config) -> bool:
