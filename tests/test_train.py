@@ -90,6 +90,40 @@ def test_lora_exports_a_merged_plain_model(tmp_path, tiny_model_dir, train_token
     assert type(model).__module__.startswith("transformers.models.llama")
 
 
+def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_originals(tmp_path, tiny_model_dir,
+                                                                                          train_tokens):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from instructflow.config import train_settings
+    from instructflow.train import build_model, merged_lora
+
+    model_dir = tiny_model_dir("llama")
+    settings = train_settings({"method": "lora", "lora": {"r": 4, "alpha": 8}, "packing": False})
+    light = build_model(model_dir, settings, bf16_frozen=True)
+    dtypes = {name: p.dtype for name, p in light.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name)
+    torch.manual_seed(0)
+    for name, p in light.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=1e-3)  # an update far below bf16's resolution of the base weights
+    reference = build_model(model_dir, settings)
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(light))
+    expected = reference.merge_and_unload().state_dict()
+    merged = merged_lora(light, model_dir, settings).state_dict()
+    assert set(merged) == set(expected)
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, expected[name]), name
+
+    # End to end: LoRA in bf16 exports fp32 weights; frozen, unadapted weights are the originals, bit for bit.
+    run, _ = _train(tmp_path, model_dir, train_tokens, method="lora", precision="bf16", lora={"r": 4, "alpha": 8})
+    weights, base = _weights(run / "model"), _weights(model_dir)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert torch.equal(weights["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_dir, train_tokens):
     model_dir = tiny_model_dir("llama")
     one, _ = _train(tmp_path, model_dir, train_tokens, "micro4", max_steps=4, micro_batch_size=4)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
@@ -79,7 +81,10 @@ def fingerprint(settings: dict, train_path: Path, model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_model(model_dir: Path, settings: dict):
+def build_model(model_dir: Path, settings: dict, bf16_frozen: bool = False):
+    """The model to train; LoRA adapters added per settings. ``bf16_frozen`` (LoRA under bf16 autocast)
+    stores the frozen weights of adapted linear layers in bf16: autocast would cast them to bf16 for every
+    micro-batch anyway, so the matmuls are the same, with half their memory and no casts."""
     from transformers import AutoModelForCausalLM
 
     kernel = attention_kernel()
@@ -101,7 +106,24 @@ def build_model(model_dir: Path, settings: dict):
         lora = settings["lora"]
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                  target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+        if bf16_frozen:
+            from peft.tuners.lora import LoraLayer
+
+            for module in model.modules():
+                base = module.get_base_layer() if isinstance(module, LoraLayer) else None
+                if isinstance(base, torch.nn.Linear):
+                    base.weight.data = base.weight.data.to(torch.bfloat16)
     return model
+
+
+def merged_lora(model, model_dir: Path, settings: dict):
+    """The adapters merged into the base model's original fp32 weights: merged into bf16 weights, an
+    update smaller than bf16's resolution (1/256 of a weight) would round away."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    fresh = build_model(model_dir, settings)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    return fresh.merge_and_unload()
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -112,12 +134,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def release_free_memory() -> None:
+    """Hand the heap that glibc keeps after training (freed activations, ~1-2 GB) back to the system, so
+    export's second model (LoRA merge) and serialisation do not add to it. No-op without glibc."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def export(model, model_dir: Path, out_dir: Path, settings: dict) -> None:
     """Write the tuned model as a plain folder that AutoModelForCausalLM loads; LoRA is merged."""
     from transformers import AutoTokenizer
 
+    release_free_memory()
     if settings["method"] == "lora":
-        model = model.merge_and_unload()
+        model = merged_lora(model, model_dir, settings)
     model.config.use_cache = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
@@ -155,7 +187,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
                            world_size=world, seed=settings["seed"], pack=settings["packing"])
     row_lengths = examples.lengths
-    model = build_model(model_dir, settings)
+    model = build_model(model_dir, settings, bf16_frozen=use_bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
     # as all parameters together (about 0.2 GB more peak RSS for a 135M model on CPU).
