@@ -179,7 +179,9 @@ NOTES = """
   2.0 GiB between steps after `malloc_trim`, 4.4-4.7 GiB peak inside steps). 3 GiB is out of reach
   with fp32 AdamW states: bitsandbytes' 8-bit AdamW runs on the CPU but took 1.5-2 s per step against
   0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA needs no gradients or moments for frozen
-  weights.
+  weights, and under bf16 keeps them in bf16 (autocast would cast them for every micro-batch anyway);
+  its adapters are merged into the original fp32 weights at export. Export first hands the heap glibc
+  kept after training back to the system (`malloc_trim`), so it does not raise the peak.
 - On a GPU the same code runs bf16 autocast and, where flash_attn is installed, FlashAttention-2
   (its varlen kernels read the same row boundaries), else the row-by-row attention above.
 """
