@@ -31,9 +31,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _final_logit_transform(config):
-    """Some architectures post-process logits (Gemma's soft-capping, Cohere's scale); keep them exact."""
+    """Some architectures post-process logits (Gemma's soft-capping, Cohere's scale); keep them exact.
+    None where the architecture does not."""
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
+    if cap is None and scale is None:
+        return None
 
     def transform(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
@@ -50,10 +53,12 @@ CHUNK_ROWS = 128
 
 
 def _logit_chunks(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor):
-    """(rows, fp32 logits, targets) for CHUNK_ROWS rows at a time."""
+    """For CHUNK_ROWS rows at a time: (rows, fp32 logits, targets, log-sum-exp per row, summed loss)."""
     for start in range(0, h.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        yield rows, (h[rows] @ w.T).float(), targets[rows]
+        logits, t = (h[rows] @ w.T).float(), targets[rows]
+        lse = torch.logsumexp(logits, dim=-1)
+        yield rows, logits, t, lse, (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -69,12 +74,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for rows, logits, t in _logit_chunks(h, w, targets):
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            loss += (lse - picked).sum()
+        for rows, logits, t, lse, chunk_loss in _logit_chunks(h, w, targets):
+            loss += chunk_loss
             probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, t[:, None], torch.full_like(picked[:, None], -1.0))
+            probs.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
             grad_logits[rows] = probs
         ctx.save_for_backward(h, w, grad_logits)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -102,15 +105,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # Evaluation: the same chunked loss without making (and keeping) the logits' gradient.
     h, w = hidden.to(dtype), weight.to(dtype)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for _, logits, t in _logit_chunks(h, w, targets):
-        loss += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+    for *_, chunk_loss in _logit_chunks(h, w, targets):
+        loss += chunk_loss
     return loss
-
-
-def _fusable(head: torch.nn.Module, config) -> bool:
-    """A plain bias-free projection with no logit post-processing (a peft-wrapped head is not)."""
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    return plain and getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
 
 
 def response_loss_sum(
@@ -141,9 +138,12 @@ def response_loss_sum(
         return hidden.sum() * 0.0, 0
     picked = hidden[:, :-1][keep]
     head = inner.get_output_embeddings()
-    if _fusable(head, inner.config):
+    transform = _final_logit_transform(inner.config)
+    # Fused only for a plain bias-free projection (a peft-wrapped head is not) without post-processing.
+    if transform is None and type(head) is torch.nn.Linear and head.bias is None:
         return linear_cross_entropy(picked, head.weight, targets[keep].long()), n
     logits = head(picked)
-    logits = _final_logit_transform(inner.config)(logits)
+    if transform is not None:
+        logits = transform(logits)
     loss = F.cross_entropy(logits.float(), targets[keep].long(), reduction="sum")
     return loss, n
