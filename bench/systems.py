@@ -187,8 +187,9 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
-def ours(cfg: dict, method: str) -> dict:
-    """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it."""
+def ours(cfg: dict, method: str, pure: bool = False) -> dict:
+    """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it.
+    pure: `train.precision: bf16-pure` (a bf16 model, fp32 masters in the optimiser) instead of autocast."""
     from instructflow.evaluate import eval_loss
     from instructflow.examples import Examples
     from instructflow.io import read_jsonl
@@ -197,7 +198,7 @@ def ours(cfg: dict, method: str) -> dict:
     work = Path(cfg["work"])
     settings = {**cfg["ours"], "method": method, "max_steps": cfg["steps"], "learning_rate": cfg["learning_rate"],
                 "warmup_steps": cfg["warmup_steps"], "log_every": 1, "checkpoint_every": 0,
-                "precision": "bf16" if cfg["bf16"] else "fp32"}
+                "precision": ("bf16-pure" if pure else "bf16") if cfg["bf16"] else "fp32"}
     summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
                     metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
     rss = peak_rss_mib()
@@ -213,6 +214,7 @@ def ours(cfg: dict, method: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
     loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
     return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["bf16"], "eval": loss,
+            "pure_bf16": summary["pure_bf16"],
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": summary["trainable_parameters"]}
 
@@ -244,6 +246,7 @@ SYSTEMS = {
     "trl": lambda cfg: trl_sft(cfg, packed=False),
     "trl_packed": lambda cfg: trl_sft(cfg, packed=True),
     "ours_full": lambda cfg: ours(cfg, "full"),
+    "ours_full_pure": lambda cfg: ours(cfg, "full", pure=True),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }

@@ -124,6 +124,23 @@ def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_o
     assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_pure_bf16_runs_a_bf16_model_on_fp32_masters_and_exports_them(tmp_path, tiny_model_dir, train_tokens):
+    model_dir = tiny_model_dir("llama")
+    settings = {"max_steps": 6, "learning_rate": 3e-3}
+    masters, summary = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16-pure", **settings)
+    autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", precision="bf16", **settings)
+    assert summary["pure_bf16"] is True and plain["pure_bf16"] is False
+    weights, base = _weights(masters / "model"), _weights(model_dir)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    # fp32 values a bf16 weight cannot hold: what was exported is the masters, not the bf16 model.
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q, q.to(torch.bfloat16).float())
+    assert not torch.equal(q, base["model.layers.0.self_attn.q_proj.weight"])
+    # Same data, schedule and optimiser: the two mixed-precision schemes learn the same.
+    assert _losses(masters)[-1] < _losses(masters)[0]
+    assert _losses(masters) == pytest.approx(_losses(autocast), rel=0.02)
+
+
 def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_dir, train_tokens):
     model_dir = tiny_model_dir("llama")
     one, _ = _train(tmp_path, model_dir, train_tokens, "micro4", max_steps=4, micro_batch_size=4)
@@ -143,9 +160,10 @@ def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, 
     assert _losses(packed) == pytest.approx(_losses(padded), abs=1e-4)
 
 
-def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])  # bf16-pure: the checkpoint holds the fp32 masters
+def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens, precision):
     model_dir = tiny_model_dir("llama")
-    settings = {"max_steps": 4, "checkpoint_every": 2}
+    settings = {"max_steps": 4, "checkpoint_every": 2, "precision": precision}
     run, first = _train(tmp_path, model_dir, train_tokens, **settings)
     assert first["resumed_from_step"] == 0
     uninterrupted = _weights(run / "model")

@@ -41,6 +41,7 @@ from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
 from .loss import response_loss_sum
+from .master_weights import MasterWeights
 
 # Keys the workflow passes beside the schema's training settings.
 EXTRA_SETTINGS = ("template_path", "trust_remote_code")
@@ -126,7 +127,10 @@ def merged_lora(model, model_dir: Path, settings: dict):
     return fresh.merge_and_unload()
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
+def trainable_state(model, masters: MasterWeights | None = None) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint keeps: the fp32 masters where the model itself is bf16."""
+    if masters:
+        return {name: t.cpu() for name, t in masters.state_dict().items()}
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -180,7 +184,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         torch.set_num_threads(threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "fp32": False}[settings["precision"]]
+    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "bf16-pure": True, "fp32": False}[settings["precision"]]
     torch.manual_seed(settings["seed"])
 
     examples = Examples.load(train_path)
@@ -188,7 +192,10 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                            world_size=world, seed=settings["seed"], pack=settings["packing"])
     row_lengths = examples.lengths
     model = build_model(model_dir, settings, bf16_frozen=use_bf16)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # bf16-pure: the model in bf16, the optimiser on fp32 masters (master_weights.py).
+    pure = settings["precision"] == "bf16-pure" and settings["method"] == "full"
+    masters = MasterWeights(model) if pure else None
+    params = masters.masters if masters else [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
     # as all parameters together (about 0.2 GB more peak RSS for a 135M model on CPU).
     optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=settings["weight_decay"],
@@ -202,10 +209,13 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     start_step, tokens, trained_tokens, elapsed_before = 0, 0, 0, 0.0
     ckpt = latest_valid(workdir, fp, log=accelerator.print)
     if ckpt:
-        missing = set(trainable_state(model)) - set(ckpt["trainable"])
+        missing = set(trainable_state(model, masters)) - set(ckpt["trainable"])
         if missing:
             raise TrainingError(f"checkpoint {ckpt['step']} lacks weights {sorted(missing)[:3]}...")
-        model.load_state_dict(ckpt["trainable"], strict=False)
+        if masters:
+            masters.load_state_dict(ckpt["trainable"])
+        else:
+            model.load_state_dict(ckpt["trainable"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
@@ -238,7 +248,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             # Only the last micro-batch of a step all-reduces gradients across processes.
             sync = accelerator.no_sync(wrapped) if i < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync:
-                with autocast(device, enabled=use_bf16):
+                with autocast(device, enabled=use_bf16 and masters is None):
                     loss_sum, _ = wrapped(ids, labels, pos, seq_lens)
                 # DDP averages gradients over ranks; scaling by world keeps the global token mean.
                 accelerator.backward(loss_sum * world / plan.trained_tokens)
@@ -249,9 +259,13 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss became {loss_value} at step {step + 1}; the last good checkpoint in {workdir} "
                                 "is kept. Lower train.learning_rate or check the data.")
+        if masters:
+            masters.to_masters()
         if settings["max_grad_norm"]:
-            accelerator.clip_grad_norm_(wrapped.parameters(), settings["max_grad_norm"])
+            accelerator.clip_grad_norm_(params, settings["max_grad_norm"])
         optimizer.step()
+        if masters:
+            masters.to_model()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         trained_tokens += plan.trained_tokens
@@ -270,7 +284,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):.0f}")
         if settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total:
             if accelerator.is_main_process:
-                save_checkpoint(workdir, done, trainable=trainable_state(model),
+                save_checkpoint(workdir, done, trainable=trainable_state(model, masters),
                                 optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                                 fingerprint=fp, extra={"tokens": tokens, "trained_tokens": trained_tokens,
                                                        "elapsed_s": elapsed_before + time.perf_counter() - started})
@@ -279,11 +293,14 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     elapsed = elapsed_before + time.perf_counter() - started
     accelerator.wait_for_everyone()
     summary = {}
+    if masters:
+        masters.restore_fp32()
     if accelerator.is_main_process:
         export(model, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
         summary = {"method": settings["method"], "steps": total, "resumed_from_step": start_step,
-                   "processes": world, "device": str(device), "bf16": use_bf16, "packing": settings["packing"],
+                   "processes": world, "device": str(device), "bf16": use_bf16, "pure_bf16": masters is not None,
+                   "packing": settings["packing"],
                    "trainable_parameters": sum(p.numel() for p in params),
                    "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 2),
                    "trained_tokens_per_s": round(trained_tokens / max(elapsed, 1e-9), 2),
