@@ -187,9 +187,10 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
-def ours(cfg: dict, method: str, pure: bool = False) -> dict:
+def ours(cfg: dict, method: str, autocast: bool = False) -> dict:
     """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it.
-    pure: `train.precision: bf16-pure` (a bf16 model, fp32 masters in the optimiser) instead of autocast."""
+    autocast: `train.precision: bf16-autocast` (autocast over fp32 weights, TRL's numerics) instead of the
+    default bf16 model with fp32 master weights."""
     from instructflow.evaluate import eval_loss
     from instructflow.examples import Examples
     from instructflow.io import read_jsonl
@@ -198,7 +199,7 @@ def ours(cfg: dict, method: str, pure: bool = False) -> dict:
     work = Path(cfg["work"])
     settings = {**cfg["ours"], "method": method, "max_steps": cfg["steps"], "learning_rate": cfg["learning_rate"],
                 "warmup_steps": cfg["warmup_steps"], "log_every": 1, "checkpoint_every": 0,
-                "precision": ("bf16-pure" if pure else "bf16") if cfg["bf16"] else "fp32"}
+                "precision": ("bf16-autocast" if autocast else "bf16") if cfg["bf16"] else "fp32"}
     summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
                     metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
     rss = peak_rss_mib()
@@ -246,7 +247,7 @@ SYSTEMS = {
     "trl": lambda cfg: trl_sft(cfg, packed=False),
     "trl_packed": lambda cfg: trl_sft(cfg, packed=True),
     "ours_full": lambda cfg: ours(cfg, "full"),
-    "ours_full_pure": lambda cfg: ours(cfg, "full", pure=True),
+    "ours_full_autocast": lambda cfg: ours(cfg, "full", autocast=True),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }

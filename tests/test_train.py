@@ -124,11 +124,12 @@ def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_o
     assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_pure_bf16_runs_a_bf16_model_on_fp32_masters_and_exports_them(tmp_path, tiny_model_dir, train_tokens):
+def test_bf16_full_training_runs_a_bf16_model_on_fp32_masters_and_exports_them(tmp_path, tiny_model_dir,
+                                                                              train_tokens):
     model_dir = tiny_model_dir("llama")
     settings = {"max_steps": 6, "learning_rate": 3e-3}
-    masters, summary = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16-pure", **settings)
-    autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", precision="bf16", **settings)
+    masters, summary = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16", **settings)
+    autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", precision="bf16-autocast", **settings)
     assert summary["pure_bf16"] is True and plain["pure_bf16"] is False
     weights, base = _weights(masters / "model"), _weights(model_dir)
     assert all(t.dtype == torch.float32 for t in weights.values())
@@ -160,7 +161,7 @@ def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, 
     assert _losses(packed) == pytest.approx(_losses(padded), abs=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])  # bf16-pure: the checkpoint holds the fp32 masters
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the checkpoint holds the fp32 masters
 def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens, precision):
     model_dir = tiny_model_dir("llama")
     settings = {"max_steps": 4, "checkpoint_every": 2, "precision": precision}

@@ -1,15 +1,18 @@
-"""`train.precision: bf16-pure`: the model itself in bf16, fp32 master copies of its weights in the
-optimiser (mixed precision as Megatron-LM and DeepSpeed do it, rather than autocast over fp32 weights).
+"""Full fine-tuning in bf16 (`train.precision: bf16`, what `auto` picks where the hardware has bf16):
+the model itself in bf16, fp32 master copies of its weights in the optimiser (mixed precision as
+Megatron-LM and DeepSpeed do it), rather than autocast over fp32 weights (`bf16-autocast`, what the
+Trainer and TRL do).
 
 Autocast keeps the residual stream, norms and gradients in fp32 and casts every weight to bf16 on every
-micro-batch. A bf16 model moves half the bytes through those elementwise ops: on a 2-core CPU, SmolLM2-135M
-on Code Alpaca, 15% more tokens per second in a paired run, but a held-out loss 0.006-0.010 higher after
-12 steps at lr 2e-4 (three batch orders; autocast over bf16 linear weights alone gained 1.5% and lost
-nothing). So autocast stays the default and this is the opt-in faster path.
+micro-batch; a bf16 model moves half the bytes through those elementwise ops and keeps half-size
+gradients and activations. SmolLM2-135M on Code Alpaca, 2-core CPU: 15% more tokens per second paired
+in one process, 0.46-0.72 GiB less peak RSS, and the same held-out loss after 12 steps for four batch
+orders (differences of -0.0003 to +0.0009; docs/benchmarks.md).
 
 The optimiser works on fp32 copies because an AdamW update is often smaller than bf16's resolution
-(1/256 of the weight) and would round away if applied to the bf16 weight. Only parameters are
-converted: buffers such as the rotary frequencies keep their fp32 precision.
+(1/256 of the weight) and would round away if applied to the bf16 weight. The masters start from the
+checkpoint's own fp32 values, not bf16-rounded ones (in a trial, those lost low bits showed up as a
+higher held-out loss). Only parameters are converted: buffers such as the rotary frequencies keep fp32.
 """
 
 from __future__ import annotations

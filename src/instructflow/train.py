@@ -184,7 +184,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         torch.set_num_threads(threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "bf16-pure": True, "fp32": False}[settings["precision"]]
+    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "bf16-autocast": True, "fp32": False}[settings["precision"]]
     torch.manual_seed(settings["seed"])
 
     examples = Examples.load(train_path)
@@ -192,8 +192,8 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                            world_size=world, seed=settings["seed"], pack=settings["packing"])
     row_lengths = examples.lengths
     model = build_model(model_dir, settings, bf16_frozen=use_bf16)
-    # bf16-pure: the model in bf16, the optimiser on fp32 masters (master_weights.py).
-    pure = settings["precision"] == "bf16-pure" and settings["method"] == "full"
+    # Full fine-tuning in bf16: the model in bf16, the optimiser on fp32 masters (master_weights.py).
+    pure = use_bf16 and settings["precision"] != "bf16-autocast" and settings["method"] == "full"
     masters = MasterWeights(model) if pure else None
     params = masters.masters if masters else [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
