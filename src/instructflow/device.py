@@ -1,4 +1,4 @@
-"""Where to run and in which precision: CUDA if present, else CPU; bf16 autocast only where the
+"""Where to run and in which precision: CUDA if present, else CPU; bf16 only where the
 hardware does it natively (CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX instructions).
 AVX512 alone is not enough: without those instructions bf16 matmuls are emulated and slower than
 fp32, so we stay in fp32."""
