@@ -86,7 +86,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
         flops_per_token = (4 if name == "ours_lora" else 6) * n
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
                       "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
-                      "pure_bf16": r.get("pure_bf16", False),
+                      "master_weights": r.get("master_weights", False),
                       "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
                       "eval_loss": r.get("eval", {}).get("eval_loss")}
     for name, row in rows.items():
@@ -106,7 +106,7 @@ LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFT
 def _precision(row: dict) -> str:
     if not row["bf16"]:
         return "fp32"
-    return "bf16 model, fp32 masters" if row["pure_bf16"] else "bf16 autocast"
+    return "bf16 model, fp32 masters" if row["master_weights"] else "bf16 autocast"
 
 
 def _f(value, fmt: str) -> str:
@@ -179,8 +179,9 @@ NOTES = """
   8): matrix multiplies 66% of the time, at about the measured peak (so MFU against that peak cannot
   pass the matmuls' share); copies 7% (the tied embedding / output weight cast to bf16 and its gradient
   back, per micro-batch, 2.5%; the other weights 1%; logit chunks to fp32 1%; activations); attention's
-  batched matmuls 5%; elementwise ops (norms, SiLU, residuals) most of the remainder. Compiling the decoder layers with torch.compile gained ~5%
-  after minutes of compiling and recompiles for every new packed length, so it is not used.
+  batched matmuls 5%; elementwise ops (norms, SiLU, residuals) most of the remainder. Compiling the
+  decoder layers with torch.compile gained ~5% after minutes of compiling and recompiles for every new
+  packed length, so it is not used.
 - Peak RSS of full fine-tuning is dominated by fixed costs: fp32 master weights and two AdamW moments
   (3 x 4 bytes x 134.5 M = 1.6 GB), the bf16 model (0.27 GB) and the runtime (~0.35 GB) stay between
   steps; during a step come the bf16 gradients (0.27 GB; fp32 copies for the optimiser step, 0.54 GB,
@@ -189,9 +190,10 @@ NOTES = """
   rounding instead of masters and micro-batches of 4: 2.2-2.5 GiB live on the heap at the peak, 3.5-3.7
   GiB RSS; a fixed 256 KiB mmap threshold returned it, 2.9 GiB, but cost 27% of the speed). Under
   autocast (`bf16-autocast`) the gradients are fp32 and autocast keeps bf16 copies of the weights:
-  0.5-0.7 GiB more. 3 GiB is out of reach with fp32 AdamW states: bitsandbytes' 8-bit AdamW runs on the CPU but took 1.5-2 s per step against
-  0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA needs no gradients or moments for frozen
-  weights, and under bf16 keeps them in bf16 (autocast would cast them for every micro-batch anyway);
+  0.5-0.7 GiB more. 3 GiB is out of reach with fp32 AdamW states: bitsandbytes' 8-bit AdamW runs on
+  the CPU but took 1.5-2 s per step against 0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA
+  needs no gradients or moments for frozen weights, and under bf16 keeps them in bf16 (autocast would
+  cast them for every micro-batch anyway);
   its adapters are merged into the original fp32 weights at export. Export first hands the heap glibc
   kept after training back to the system (`malloc_trim`), so it does not raise the peak.
 - Full fine-tuning in bf16 runs the model itself in bf16 and keeps fp32 master weights in the optimiser

@@ -215,7 +215,7 @@ def ours(cfg: dict, method: str, autocast: bool = False) -> dict:
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
     loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
     return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["bf16"], "eval": loss,
-            "pure_bf16": summary["pure_bf16"],
+            "master_weights": summary["master_weights"],
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": summary["trainable_parameters"]}
 

@@ -130,7 +130,7 @@ def test_bf16_full_training_runs_a_bf16_model_on_fp32_masters_and_exports_them(t
     settings = {"max_steps": 6, "learning_rate": 3e-3}
     masters, summary = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16", **settings)
     autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", precision="bf16-autocast", **settings)
-    assert summary["pure_bf16"] is True and plain["pure_bf16"] is False
+    assert summary["master_weights"] is True and plain["master_weights"] is False
     weights, base = _weights(masters / "model"), _weights(model_dir)
     assert all(t.dtype == torch.float32 for t in weights.values())
     # fp32 values a bf16 weight cannot hold: what was exported is the masters, not the bf16 model.

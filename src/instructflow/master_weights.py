@@ -26,13 +26,12 @@ class MasterWeights:
     The masters take over the original fp32 storage, so converting costs no extra copy of the model.
     Give ``masters`` to the optimiser; per step call ``to_masters()`` after the backward passes (moves
     the gradients), then ``optimizer.step()``, then ``to_model()``. Tied parameters (one tensor under two
-    names) get one master, as ``model.parameters()`` yields them once."""
+    names) get one master, as ``model.named_parameters()`` yields them once."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if len(self.names) != len(self.params):  # both skip duplicates the same way; guard the pairing
-            raise ValueError("parameter names and parameters do not pair up")
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
         self.masters = []
         for p in self.params:
             master = torch.nn.Parameter(p.data, requires_grad=True)

@@ -193,8 +193,8 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     row_lengths = examples.lengths
     model = build_model(model_dir, settings, bf16_frozen=use_bf16)
     # Full fine-tuning in bf16: the model in bf16, the optimiser on fp32 masters (master_weights.py).
-    pure = use_bf16 and settings["precision"] != "bf16-autocast" and settings["method"] == "full"
-    masters = MasterWeights(model) if pure else None
+    bf16_model = use_bf16 and settings["precision"] != "bf16-autocast" and settings["method"] == "full"
+    masters = MasterWeights(model) if bf16_model else None
     params = masters.masters if masters else [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
     # as all parameters together (about 0.2 GB more peak RSS for a 135M model on CPU).
@@ -299,7 +299,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         export(model, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
         summary = {"method": settings["method"], "steps": total, "resumed_from_step": start_step,
-                   "processes": world, "device": str(device), "bf16": use_bf16, "pure_bf16": masters is not None,
+                   "processes": world, "device": str(device), "bf16": use_bf16, "master_weights": masters is not None,
                    "packing": settings["packing"],
                    "trainable_parameters": sum(p.numel() for p in params),
                    "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 2),
