@@ -45,11 +45,10 @@ def test_updates_smaller_than_bf16_resolution_accumulate_in_the_master():
     for _ in range(10):
         layer(torch.ones(1, 1, dtype=torch.bfloat16)).sum().backward()
         (plain * 1.0).sum().backward()
-        masters.to_masters()
-        assert layer.weight.grad is None and masters.masters[0].grad.dtype == torch.float32
-        sgd.step(), plain_sgd.step()
-        masters.to_model()
-        sgd.zero_grad(), plain_sgd.zero_grad()
+        masters.step(sgd)
+        assert layer.weight.grad is None and masters.masters[0].grad is None
+        plain_sgd.step()
+        plain_sgd.zero_grad()
     assert plain.item() == 1.0  # every update rounded away
     assert masters.masters[0].item() == pytest.approx(0.99, abs=1e-6)
     assert torch.equal(layer.weight, masters.masters[0].detach().to(torch.bfloat16))
@@ -67,3 +66,33 @@ def test_state_round_trip_and_restoring_fp32_for_export():
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, saved[name])
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3])
+def test_chunked_step_matches_one_adamw_step_over_all_fp32_gradients(max_norm):
+    # The reference: fp32 copies of every gradient at once, clipped by the norm torch computes for them
+    # scaled as the step scales (its coefficient comes from bf16 per-tensor norms), one AdamW step.
+    model = _tied_llama()
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    masters = MasterWeights(model)
+    assert len(masters.chunks) > 1  # the step really runs in pieces
+    optimizer = torch.optim.AdamW(masters.masters, lr=1e-2, weight_decay=0.1, fused=True)
+    ref_optimizer = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1, fused=True)
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        for ref, p in zip(reference, model.parameters()):
+            ref.grad = p.grad.float()
+        norm = masters.step(optimizer, max_norm)
+        assert (norm is None) == (not max_norm)
+        if max_norm:
+            expected_norm = float(torch.nn.utils.get_total_norm([ref.grad for ref in reference]))
+            assert float(norm) == pytest.approx(expected_norm, rel=5e-3)
+            assert float(norm) > max_norm  # so the step clipped
+            torch._foreach_mul_([ref.grad for ref in reference], max_norm / (float(norm) + 1e-6))
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        for ref, master, p in zip(reference, masters.masters, model.parameters()):
+            torch.testing.assert_close(master, ref, rtol=1e-6, atol=1e-7)
+            assert torch.equal(p, master.detach().to(torch.bfloat16))

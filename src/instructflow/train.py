@@ -260,12 +260,11 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             raise TrainingError(f"loss became {loss_value} at step {step + 1}; the last good checkpoint in {workdir} "
                                 "is kept. Lower train.learning_rate or check the data.")
         if masters:
-            masters.to_masters()
-        if settings["max_grad_norm"]:
-            accelerator.clip_grad_norm_(params, settings["max_grad_norm"])
-        optimizer.step()
-        if masters:
-            masters.to_model()
+            masters.step(optimizer, settings["max_grad_norm"])
+        else:
+            if settings["max_grad_norm"]:
+                accelerator.clip_grad_norm_(params, settings["max_grad_norm"])
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         trained_tokens += plan.trained_tokens
