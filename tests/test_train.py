@@ -142,6 +142,24 @@ def test_bf16_full_training_runs_a_bf16_model_on_fp32_masters_and_exports_them(t
     assert _losses(masters) == pytest.approx(_losses(autocast), rel=0.02)
 
 
+def test_bf16_kahan_trains_bf16_weights_and_exports_them_with_their_compensation(tmp_path, tiny_model_dir,
+                                                                                train_tokens):
+    model_dir = tiny_model_dir("llama")
+    settings = {"max_steps": 6, "learning_rate": 3e-3}
+    kahan, summary = _train(tmp_path, model_dir, train_tokens, "kahan", precision="bf16-kahan", **settings)
+    masters, _ = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16", **settings)
+    assert summary["kahan_bf16"] is True and summary["master_weights"] is False
+    assert summary["lean_layers"]["rms_norm"] > 0 and summary["lean_layers"]["swiglu_mlp"] > 0
+    weights, base = _weights(kahan / "model"), _weights(model_dir)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    # bf16 weight + compensation: more bits than a bf16 weight holds, and trained.
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q, q.to(torch.bfloat16).float())
+    assert not torch.equal(q, base["model.layers.0.self_attn.q_proj.weight"])
+    assert _losses(kahan)[-1] < _losses(kahan)[0]
+    assert _losses(kahan) == pytest.approx(_losses(masters), rel=0.02)
+
+
 def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_dir, train_tokens):
     model_dir = tiny_model_dir("llama")
     one, _ = _train(tmp_path, model_dir, train_tokens, "micro4", max_steps=4, micro_batch_size=4)
@@ -161,7 +179,8 @@ def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, 
     assert _losses(packed) == pytest.approx(_losses(padded), abs=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the checkpoint holds the fp32 masters
+# bf16: the checkpoint holds the fp32 masters; bf16-kahan: bf16 weights, the compensation in the optimiser state.
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-kahan"])
 def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens, precision):
     model_dir = tiny_model_dir("llama")
     settings = {"max_steps": 4, "checkpoint_every": 2, "precision": precision}

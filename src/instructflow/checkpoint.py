@@ -44,6 +44,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+GROUP_PREFIX = "group"
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for idx, per_param in state["state"].items():
@@ -53,15 +56,24 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[key] = value.detach().contiguous().clone()
             else:
                 scalars[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    groups = []
+    for i, group in enumerate(state["param_groups"]):
+        groups.append({k: v for k, v in group.items() if not torch.is_tensor(v)})
+        # Some optimisers (optimi) keep a tensor in the group itself, e.g. the step count.
+        tensors.update({f"{GROUP_PREFIX}{i}.{k}": v.detach().clone() for k, v in group.items() if torch.is_tensor(v)})
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
+    groups = [dict(group) for group in meta["param_groups"]]
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+        if idx.startswith(GROUP_PREFIX):
+            groups[int(idx[len(GROUP_PREFIX):])][name] = value
+        else:
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,

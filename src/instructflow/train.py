@@ -36,11 +36,12 @@ from safetensors import SafetensorError
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
 from .config import train_settings
-from . import attention
+from . import attention, lean_layers
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
 from .loss import response_loss_sum
+from .kahan import optimizer_for as kahan_optimizer, restore_fp32 as kahan_restore_fp32
 from .master_weights import MasterWeights
 
 # Keys the workflow passes beside the schema's training settings.
@@ -179,12 +180,17 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
 
     extra = {k: settings[k] for k in EXTRA_SETTINGS if k in settings}
     settings = {**train_settings({k: v for k, v in settings.items() if k not in EXTRA_SETTINGS}), **extra}
+    # oneDNN caches a compiled kernel per matmul shape; packed micro-batches all differ in length, so its
+    # default 1,024 entries only pile up (about 0.25 GiB RSS over 20 steps). 64 still holds every shape
+    # of one micro-batch, which the layers share; no slower in our runs. Read at the first matmul.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "bf16-autocast": True, "fp32": False}[settings["precision"]]
+    use_bf16 = {"auto": bf16_supported(device), "bf16": True, "bf16-autocast": True, "bf16-kahan": True,
+                "fp32": False}[settings["precision"]]
     torch.manual_seed(settings["seed"])
 
     examples = Examples.load(train_path)
@@ -192,14 +198,24 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                            world_size=world, seed=settings["seed"], pack=settings["packing"])
     row_lengths = examples.lengths
     model = build_model(model_dir, settings, bf16_frozen=use_bf16)
-    # Full fine-tuning in bf16: the model in bf16, the optimiser on fp32 masters (master_weights.py).
-    bf16_model = use_bf16 and settings["precision"] != "bf16-autocast" and settings["method"] == "full"
-    masters = MasterWeights(model) if bf16_model else None
-    params = masters.masters if masters else [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
-    # as all parameters together (about 0.2 GB more peak RSS for a 135M model on CPU).
-    optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=settings["weight_decay"],
-                                  betas=(0.9, 0.95), fused=True)
+    # Full fine-tuning in bf16 runs the model itself in bf16: the optimiser on fp32 masters (bf16,
+    # master_weights.py) or on the bf16 weights with Kahan-compensated updates (bf16-kahan, kahan.py).
+    bf16_model = use_bf16 and settings["precision"] in ("auto", "bf16", "bf16-kahan") and settings["method"] == "full"
+    kahan = bf16_model and settings["precision"] == "bf16-kahan"
+    masters = MasterWeights(model) if bf16_model and not kahan else None
+    if kahan:
+        optimizer = kahan_optimizer(model, lr=settings["learning_rate"], betas=(0.9, 0.95),
+                                    weight_decay=settings["weight_decay"])
+        params = optimizer.param_groups[0]["params"]
+    else:
+        params = masters.masters if masters else [p for p in model.parameters() if p.requires_grad]
+        # fused: one kernel per tensor, in place; the default foreach path allocates temporaries as large
+        # as all parameters together (about 0.2 GB more peak RSS for a 135M model on CPU).
+        optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=settings["weight_decay"],
+                                      betas=(0.9, 0.95), fused=True)
+    autocast_on = use_bf16 and not bf16_model
+    # A model in its own dtype gets RMSNorm and SwiGLU layers that keep less for backward (lean_layers.py).
+    lean = {} if autocast_on else lean_layers.patch(model)
     total = settings["max_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
@@ -248,7 +264,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             # Only the last micro-batch of a step all-reduces gradients across processes.
             sync = accelerator.no_sync(wrapped) if i < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync:
-                with autocast(device, enabled=use_bf16 and masters is None):
+                with autocast(device, enabled=autocast_on):
                     loss_sum, _ = wrapped(ids, labels, pos, seq_lens)
                 # DDP averages gradients over ranks; scaling by world keeps the global token mean.
                 accelerator.backward(loss_sum * world / plan.trained_tokens)
@@ -294,12 +310,14 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     summary = {}
     if masters:
         masters.restore_fp32()
+    if kahan:
+        kahan_restore_fp32(model, optimizer)
     if accelerator.is_main_process:
         export(model, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
         summary = {"method": settings["method"], "steps": total, "resumed_from_step": start_step,
                    "processes": world, "device": str(device), "bf16": use_bf16, "master_weights": masters is not None,
-                   "packing": settings["packing"],
+                   "kahan_bf16": kahan, "lean_layers": lean, "packing": settings["packing"],
                    "trainable_parameters": sum(p.numel() for p in params),
                    "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 2),
                    "trained_tokens_per_s": round(trained_tokens / max(elapsed, 1e-9), 2),

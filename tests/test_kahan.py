@@ -1,0 +1,61 @@
+"""bf16 weights with Kahan-compensated updates (optimi): the compensation starts from the rounding
+error, updates below bf16's resolution accumulate, export restores fp32, weight decay is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructflow.config import ConfigError, train_settings
+from instructflow.kahan import optimizer_for, restore_fp32
+
+
+def _layer(value: float = 1.0) -> torch.nn.Linear:
+    layer = torch.nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(value)
+    return layer
+
+
+def test_weights_become_bf16_and_weight_plus_compensation_is_the_fp32_value():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    original = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    optimizer = optimizer_for(layer, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    for name, p in layer.named_parameters():
+        assert p.dtype == torch.bfloat16
+        comp = optimizer.state[p]["kahan_comp"]
+        assert comp.abs().max() > 0  # the rounding error, not zeros
+        restored = p.float() + comp.float()
+        err = (restored - original[name]).abs().max() / original[name].abs().max()
+        rounded_err = (p.float() - original[name]).abs().max() / original[name].abs().max()
+        assert err < rounded_err / 100
+
+
+def test_updates_smaller_than_bf16_resolution_accumulate():
+    # At 1.0 bf16 steps are 2**-8 down and 2**-7 up; Adam moves each weight by about lr = 1e-3 a step.
+    kahan, plain = _layer(), _layer()
+    optimizer = optimizer_for(kahan, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    import optimi
+
+    plain.weight.data = plain.weight.data.to(torch.bfloat16)
+    plain_optimizer = optimi.AdamW(plain.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0,
+                                   kahan_sum=False)
+    x = torch.ones(1, 4, dtype=torch.bfloat16)
+    for _ in range(10):
+        for layer, opt in ((kahan, optimizer), (plain, plain_optimizer)):
+            layer(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert torch.all(plain.weight == 1.0)  # every update rounded away
+    restore_fp32(kahan, optimizer)
+    assert kahan.weight.dtype == torch.float32
+    assert kahan.weight.detach() == pytest.approx(torch.full((2, 4), 0.99), abs=2e-4)
+    assert not optimizer.state  # released on the way
+
+
+def test_weight_decay_is_refused_for_bf16_kahan_full_fine_tuning():
+    with pytest.raises(ConfigError, match="weight_decay: must be 0 with precision bf16-kahan"):
+        train_settings({"precision": "bf16-kahan", "weight_decay": 0.01})
+    assert train_settings({"precision": "bf16-kahan"})["weight_decay"] == 0
+    assert train_settings({"precision": "bf16-kahan", "weight_decay": 0.01, "method": "lora"})  # LoRA: autocast
