@@ -180,26 +180,34 @@ NOTES = """
   long ones) and builds logits only where a response token is predicted, a chunk of rows at a time,
   turning them into their gradient on the spot (src/instructflow/loss.py).
 - Where the rest of a step goes (torch profiler, one step of 16 Code Alpaca rows in micro-batches of
-  8): matrix multiplies 66% of the time, at about the measured peak (so MFU against that peak cannot
-  pass the matmuls' share); copies 7% (the tied embedding / output weight cast to bf16 and its gradient
-  back, per micro-batch, 2.5%; the other weights 1%; logit chunks to fp32 1%; activations); attention's
-  batched matmuls 5%; elementwise ops (norms, SiLU, residuals) most of the remainder. Compiling the
-  decoder layers with torch.compile gained ~5% after minutes of compiling and recompiles for every new
-  packed length, so it is not used.
-- Peak RSS of full fine-tuning is dominated by fixed costs: fp32 master weights and two AdamW moments
-  (3 x 4 bytes x 134.5 M = 1.6 GB), the bf16 model (0.27 GB) and the runtime (~0.35 GB) stay between
-  steps; during a step come the bf16 gradients (0.27 GB; fp32 copies for the optimiser step, 0.54 GB,
-  after the activations are gone) and the activations of one micro-batch (fewer rows per
-  `train.micro_batch_size`, less memory), and glibc keeps freed memory for reuse (with bf16 stochastic
-  rounding instead of masters and micro-batches of 4: 2.2-2.5 GiB live on the heap at the peak, 3.5-3.7
-  GiB RSS; a fixed 256 KiB mmap threshold returned it, 2.9 GiB, but cost 27% of the speed). Under
-  autocast (`bf16-autocast`) the gradients are fp32 and autocast keeps bf16 copies of the weights:
-  0.5-0.7 GiB more. 3 GiB is out of reach with fp32 AdamW states: bitsandbytes' 8-bit AdamW runs on
-  the CPU but took 1.5-2 s per step against 0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA
-  needs no gradients or moments for frozen weights, and under bf16 keeps them in bf16 (autocast would
-  cast them for every micro-batch anyway);
-  its adapters are merged into the original fp32 weights at export. Export first hands the heap glibc
-  kept after training back to the system (`malloc_trim`), so it does not raise the peak.
+  8, bf16 model on fp32 masters): matrix multiplies 71% of the time, at about the measured peak (so MFU
+  against that peak cannot pass the matmuls' share); attention's batched matmuls 5%; copies 3%;
+  elementwise ops (norms, SiLU, residuals) most of the rest. Gradient clipping had asked for fp32 norms,
+  which converted every bf16 gradient first: 0.25 s a step (5%); it now takes the norms of the bf16
+  gradients (each rounded to bf16: a clip coefficient within 0.4%). Compiling the decoder layers with
+  torch.compile gained ~5% after minutes of compiling and recompiles for every new packed length, so it
+  is not used.
+- Peak RSS of full fine-tuning (`bf16`): fp32 master weights and two fp32 AdamW moments (3 x 4 bytes x
+  134.5 M = 1.6 GB), the bf16 model and its gradients (0.54 GB) and the runtime (~0.3 GB) stay between
+  steps. The optimiser steps the masters a chunk at a time, their fp32 gradients in one reused buffer the
+  size of the embedding (0.11 GB, where fp32 copies of all gradients were 0.54 GB). On top come the
+  activations of one micro-batch: for a packed micro-batch of 1,233 tokens transformers' layers keep
+  1.19 GB for backward; RMSNorm and SwiGLU layers that recompute their elementwise work in the backward
+  pass (src/instructflow/lean_layers.py) keep 0.79 GB, at the same speed (paired over 10 steps: 332 vs
+  330 tok/s). oneDNN caches a compiled kernel per matmul shape, and packed micro-batches keep bringing
+  new lengths: with its default 1,024 entries RSS grew ~50 MB a step; capped at 64 (still every shape of
+  one micro-batch) about half that, levelling off after ~20 steps, no slower. glibc keeps freed memory
+  for reuse: handing it back every step (`malloc_trim`) lowered the peak 0.19 GiB but cost 5% of the
+  speed, a fixed 256 KiB mmap threshold cost 27%; neither is used. `bf16-kahan`
+  (src/instructflow/kahan.py, torch-optimi's AdamW with Kahan summation) keeps bf16 weights, bf16
+  moments and a bf16 compensation that carries each update's lost low bits: 10 bytes per parameter
+  instead of 16, 0.8 GiB less. Its compensation starts from each weight's bf16 rounding error: started
+  from zero, held-out loss after 12 steps was 0.006-0.007 worse (seeds 42 and 1: 0.9155 and 0.9110
+  against 0.9076 and 0.9027 seeded). bitsandbytes' 8-bit AdamW runs on the CPU but took 1.5-2 s per
+  step against 0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA needs no gradients or moments
+  for frozen weights, and under bf16 keeps them in bf16 (autocast would cast them for every micro-batch
+  anyway); its adapters are merged into the original fp32 weights at export. Export first hands the heap
+  glibc kept after training back to the system (`malloc_trim`), so it does not raise the peak.
 - Full fine-tuning in bf16 runs the model itself in bf16 and keeps fp32 master weights in the optimiser
   (src/instructflow/master_weights.py), so the residual stream, norms and gradients move half the bytes;
   row "`bf16-autocast`" is the alternative, autocast over fp32 weights, TRL's numerics. Paired in one
