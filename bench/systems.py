@@ -187,10 +187,11 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
-def ours(cfg: dict, method: str, precision: str = "bf16") -> dict:
+def ours(cfg: dict, method: str, precision: str = "auto") -> dict:
     """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it.
-    precision: the bf16 flavour, `train.precision` (the default bf16 model with fp32 master weights;
-    bf16-autocast, autocast over fp32 weights, TRL's numerics; bf16-kahan, bf16 weights and state)."""
+    precision: `train.precision` where the machine has bf16 (auto, the default: bf16-kahan for full
+    fine-tuning; bf16, a bf16 model on fp32 master weights; bf16-autocast, autocast over fp32 weights,
+    TRL's numerics)."""
     from instructflow.evaluate import eval_loss
     from instructflow.examples import Examples
     from instructflow.io import read_jsonl
@@ -247,8 +248,8 @@ SYSTEMS = {
     "trl": lambda cfg: trl_sft(cfg, packed=False),
     "trl_packed": lambda cfg: trl_sft(cfg, packed=True),
     "ours_full": lambda cfg: ours(cfg, "full"),
+    "ours_full_masters": lambda cfg: ours(cfg, "full", precision="bf16"),
     "ours_full_autocast": lambda cfg: ours(cfg, "full", precision="bf16-autocast"),
-    "ours_full_kahan": lambda cfg: ours(cfg, "full", precision="bf16-kahan"),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }

@@ -59,3 +59,17 @@ def test_weight_decay_is_refused_for_bf16_kahan_full_fine_tuning():
         train_settings({"precision": "bf16-kahan", "weight_decay": 0.01})
     assert train_settings({"precision": "bf16-kahan"})["weight_decay"] == 0
     assert train_settings({"precision": "bf16-kahan", "weight_decay": 0.01, "method": "lora"})  # LoRA: autocast
+
+
+@pytest.mark.parametrize("settings, bf16_ok, expected", [
+    ({}, True, "bf16-kahan"),                                  # full fine-tuning, no weight decay
+    ({"weight_decay": 0.01}, True, "bf16"),                    # decay needs fp32 masters
+    ({"method": "lora"}, True, "bf16"),                        # LoRA: autocast over bf16 frozen weights
+    ({}, False, "fp32"),                                       # no native bf16
+    ({"precision": "bf16"}, True, "bf16"),                     # an explicit choice stands
+    ({"precision": "bf16-kahan"}, False, "bf16-kahan"),
+])
+def test_auto_precision(settings, bf16_ok, expected):
+    from instructflow.train import resolve_precision
+
+    assert resolve_precision(train_settings(settings), bf16_ok) == expected

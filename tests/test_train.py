@@ -124,40 +124,27 @@ def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_o
     assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_bf16_full_training_runs_a_bf16_model_on_fp32_masters_and_exports_them(tmp_path, tiny_model_dir,
-                                                                              train_tokens):
+# bf16: a bf16 model on fp32 masters, which export writes; bf16-kahan: bf16 weights and optimiser state,
+# exported as weight + Kahan compensation.
+@pytest.mark.parametrize("precision, flag", [("bf16", "master_weights"), ("bf16-kahan", "kahan_bf16")])
+def test_bf16_full_training_exports_fp32_weights_and_learns_as_autocast_does(tmp_path, tiny_model_dir, train_tokens,
+                                                                             precision, flag):
     model_dir = tiny_model_dir("llama")
     settings = {"max_steps": 6, "learning_rate": 3e-3}
-    masters, summary = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16", **settings)
+    run, summary = _train(tmp_path, model_dir, train_tokens, precision, precision=precision, **settings)
     autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", precision="bf16-autocast", **settings)
-    assert summary["master_weights"] is True and plain["master_weights"] is False
-    weights, base = _weights(masters / "model"), _weights(model_dir)
+    assert summary[flag] is True and not plain["master_weights"] and not plain["kahan_bf16"]
+    # The bf16 model gets the lean layers; under autocast the model keeps its own.
+    assert summary["lean_layers"] == {"rms_norm": 5, "swiglu_mlp": 2} and plain["lean_layers"] == {}
+    weights, base = _weights(run / "model"), _weights(model_dir)
     assert all(t.dtype == torch.float32 for t in weights.values())
-    # fp32 values a bf16 weight cannot hold: what was exported is the masters, not the bf16 model.
+    # fp32 values a bf16 weight cannot hold: what was exported is more than the bf16 model.
     q = weights["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(q, q.to(torch.bfloat16).float())
     assert not torch.equal(q, base["model.layers.0.self_attn.q_proj.weight"])
-    # Same data, schedule and optimiser: the two mixed-precision schemes learn the same.
-    assert _losses(masters)[-1] < _losses(masters)[0]
-    assert _losses(masters) == pytest.approx(_losses(autocast), rel=0.02)
-
-
-def test_bf16_kahan_trains_bf16_weights_and_exports_them_with_their_compensation(tmp_path, tiny_model_dir,
-                                                                                train_tokens):
-    model_dir = tiny_model_dir("llama")
-    settings = {"max_steps": 6, "learning_rate": 3e-3}
-    kahan, summary = _train(tmp_path, model_dir, train_tokens, "kahan", precision="bf16-kahan", **settings)
-    masters, _ = _train(tmp_path, model_dir, train_tokens, "masters", precision="bf16", **settings)
-    assert summary["kahan_bf16"] is True and summary["master_weights"] is False
-    assert summary["lean_layers"]["rms_norm"] > 0 and summary["lean_layers"]["swiglu_mlp"] > 0
-    weights, base = _weights(kahan / "model"), _weights(model_dir)
-    assert all(t.dtype == torch.float32 for t in weights.values())
-    # bf16 weight + compensation: more bits than a bf16 weight holds, and trained.
-    q = weights["model.layers.0.self_attn.q_proj.weight"]
-    assert not torch.equal(q, q.to(torch.bfloat16).float())
-    assert not torch.equal(q, base["model.layers.0.self_attn.q_proj.weight"])
-    assert _losses(kahan)[-1] < _losses(kahan)[0]
-    assert _losses(kahan) == pytest.approx(_losses(masters), rel=0.02)
+    # Same data, schedule and optimiser: the mixed-precision schemes learn the same.
+    assert _losses(run)[-1] < _losses(run)[0]
+    assert _losses(run) == pytest.approx(_losses(autocast), rel=0.02)
 
 
 def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_dir, train_tokens):
