@@ -11,13 +11,14 @@ the same on GPUs with Triton kernels; these are plain PyTorch, for any device.
 
 ``patch(model)`` swaps a module's forward only after checking, on a random probe, that the lean version
 computes what the module's own forward does, so architectures with other norms (Gemma's 1 + weight) or
-MLPs (GELU, fused gate_up) keep their own. It is for a model that runs in its own dtype (the bf16 model
-with fp32 masters, or fp32); under autocast the projections' dtypes are autocast's business, so
+MLPs (GELU, fused gate_up) keep their own. It is for a model that runs in its own dtype (bf16 with
+Kahan-compensated updates or on fp32 masters, or fp32); under autocast the projections' dtypes are autocast's business, so
 train.py does not patch then.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -75,8 +76,8 @@ class _SwiGLU(torch.autograd.Function):
         return grad_x, grad_w_gate, grad_w_up, grad_down
 
 
-def _rms_norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self._lean_eps)
+def _rms_norm_forward(self, hidden_states, *, eps: float):
+    return _RMSNorm.apply(hidden_states, self.weight, eps)
 
 
 def _swiglu_forward(self, x):
@@ -87,11 +88,15 @@ def _is_plain_linear(module) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
 
-def _rms_norm_candidate(module) -> bool:
+def _rms_norm_eps(module) -> float | None:
+    """The epsilon of a module shaped like an RMSNorm (named so, a 1-D weight, a float epsilon, no
+    children), else None."""
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
-            and weight.dim() == 1 and isinstance(eps, float) and not list(module.children()))
+    if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1 and isinstance(eps, float) and not list(module.children())):
+        return eps
+    return None
 
 
 def _swiglu_candidate(module) -> bool:
@@ -117,10 +122,11 @@ def patch(model: torch.nn.Module) -> dict[str, int]:
     Returns how many of each were swapped."""
     counts = {"rms_norm": 0, "swiglu_mlp": 0}
     for module in model.modules():
-        if _rms_norm_candidate(module):
-            module._lean_eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", None)))
-            if _agrees(module, _rms_norm_forward, module.weight.shape[0]):
-                module.forward = types.MethodType(_rms_norm_forward, module)
+        eps = _rms_norm_eps(module)
+        if eps is not None:
+            lean = functools.partial(_rms_norm_forward, eps=eps)
+            if _agrees(module, lean, module.weight.shape[0]):
+                module.forward = types.MethodType(lean, module)
                 counts["rms_norm"] += 1
         elif _swiglu_candidate(module):
             if _agrees(module, _swiglu_forward, module.gate_proj.in_features):

@@ -1,5 +1,6 @@
-"""Full fine-tuning in bf16 (`train.precision: bf16`, what `auto` picks where the hardware has bf16):
-the model itself in bf16, fp32 master copies of its weights in the optimiser (mixed precision as
+"""Full fine-tuning in bf16 on fp32 master weights (`train.precision: bf16`, what `auto` picks where the
+hardware has bf16 and weight decay is set; without it `auto` picks bf16-kahan, kahan.py): the model
+itself in bf16, fp32 master copies of its weights in the optimiser (mixed precision as
 Megatron-LM and DeepSpeed do it), rather than autocast over fp32 weights (`bf16-autocast`, what the
 Trainer and TRL do).
 
