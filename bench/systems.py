@@ -217,6 +217,7 @@ def ours(cfg: dict, method: str, precision: str = "auto") -> dict:
     loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
     return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["bf16"], "eval": loss,
             "master_weights": summary["master_weights"], "kahan_bf16": summary["kahan_bf16"],
+            "allocator": summary["allocator"],
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": summary["trainable_parameters"]}
 
@@ -250,6 +251,7 @@ SYSTEMS = {
     "ours_full": lambda cfg: ours(cfg, "full"),
     "ours_full_masters": lambda cfg: ours(cfg, "full", precision="bf16"),
     "ours_full_autocast": lambda cfg: ours(cfg, "full", precision="bf16-autocast"),
+    "ours_full_glibc": lambda cfg: ours(cfg, "full"),  # run.py starts it without jemalloc
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }

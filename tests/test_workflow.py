@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import ARCHS, REPO, TEST_DATA
+from instructflow.allocator import find_jemalloc
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +112,9 @@ def test_every_architecture_runs_end_to_end(tiny_workflow):
             assert {"eval_loss", "perplexity", "exact_match", "rouge_l", "n"} <= set(metrics[side]), (arch, side)
         model = AutoModelForCausalLM.from_pretrained(run / "model")
         assert model.config.model_type == arch
+        # The rule preloads jemalloc wherever one is found (make setup installs one where apt is present).
+        summary = json.loads((run / "train" / "summary.json").read_text())
+        assert summary["allocator"] == ("jemalloc" if find_jemalloc() else "default"), arch
     assert "Nothing to be done" in snakemake(*tiny_workflow, "-n").stdout
 
 

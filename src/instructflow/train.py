@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
 from .config import train_settings
-from . import attention, lean_layers
+from . import allocator, attention, lean_layers
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -323,6 +323,8 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     if masters:
         masters.restore_fp32()
     if kahan:
+        # The fp32 weights come from the heap glibc kept after training, not on top of it.
+        release_free_memory()
         kahan_restore_fp32(model, optimizer)
     if accelerator.is_main_process:
         export(model, model_dir, out_dir, settings)
@@ -334,7 +336,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                    "trainable_parameters": sum(p.numel() for p in params),
                    "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 2),
                    "trained_tokens_per_s": round(trained_tokens / max(elapsed, 1e-9), 2),
-                   "peak_rss_mb": round(peak_rss_mb(), 1)}
+                   "peak_rss_mb": round(peak_rss_mb(), 1), "allocator": allocator.in_use()}
         write_json(summary_path, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
