@@ -125,7 +125,7 @@ def _precision(row: dict) -> str:
 
 def _allocators(rows: dict) -> str:
     """Which rows ran on jemalloc: instructflow's as the train rule starts them, the peers as their users do."""
-    on = [LABELS[name] for name, row in rows.items() if row.get("allocator") == "jemalloc"]
+    on = [f'"{LABELS[name]}"' for name, row in rows.items() if row.get("allocator") == "jemalloc"]
     return f"jemalloc for {', '.join(on)}; the C library's malloc for the others" if on else "the C library's malloc"
 
 
@@ -212,9 +212,16 @@ NOTES = """
   pass (src/instructflow/lean_layers.py) keep 0.79 GB, at the same speed (paired over 10 steps: 332 vs
   330 tok/s). oneDNN caches a compiled kernel per matmul shape, and packed micro-batches keep bringing
   new lengths: with its default 1,024 entries RSS grew ~50 MB a step; capped at 64 (still every shape of
-  one micro-batch) about half that, levelling off after ~20 steps, no slower. glibc keeps freed memory
-  for reuse: handing it back every step (`malloc_trim`) lowered the peak 0.19 GiB but cost 5% of the
-  speed, a fixed 256 KiB mmap threshold cost 27%; neither is used. `bf16-kahan`
+  one micro-batch) about half that, levelling off after ~20 steps, no slower. glibc's malloc keeps what
+  the ever-new sizes free in fragments: over 8 steps its RSS grew from 2.6 to 3.0 GiB while the live heap
+  (`mallinfo2`) peaked at 2.22 GiB. Handing it back every step (`malloc_trim`) lowered the peak 0.19 GiB
+  but cost 5% of the speed, a fixed 256 KiB mmap threshold cost 27%; neither is used. Training runs on
+  jemalloc instead, preloaded where one is found (src/instructflow/allocator.py; `make setup` fetches
+  Debian's libjemalloc2): the row "glibc malloc" is the same training on glibc. jemalloc hands freed
+  pages back and faults them in again when it reuses them (~380k minor faults a step against ~120k on
+  glibc); in alternating 5-step runs outside the bench glibc did 335-350 tok/s, jemalloc 312-366, so the
+  speed difference is within this machine's noise. Told never to hand pages back, jemalloc kept 4.1-4.4
+  GiB; tcmalloc peaked at 2.71 GiB. `bf16-kahan`
   (src/instructflow/kahan.py, torch-optimi's AdamW with Kahan summation) keeps bf16 weights, bf16
   moments and a bf16 compensation that carries each update's lost low bits: 10 bytes per parameter
   instead of 16, 0.8 GiB less. Its compensation starts from each weight's bf16 rounding error: started
@@ -223,7 +230,9 @@ NOTES = """
   step against 0.05 s for torch's fused AdamW, and torchao's 2.5 s. LoRA needs no gradients or moments
   for frozen weights, and under bf16 keeps them in bf16 (autocast would cast them for every micro-batch
   anyway); its adapters are merged into the original fp32 weights at export. Export first hands the heap
-  glibc kept after training back to the system (`malloc_trim`), so it does not raise the peak.
+  glibc kept after training back to the system (`malloc_trim`), so it does not raise the peak; so does
+  `bf16-kahan` before building its fp32 weights, one fp32 tensor per weight (weight + compensation added
+  in place); without both, building them had raised glibc's peak by 0.3 GiB at the end of training.
 - Full fine-tuning in bf16 runs the model itself in bf16. By default (`auto` where bf16 is native, no
   weight decay) its weights and AdamW state are bf16 and updates Kahan-compensated (`bf16-kahan`); the
   row "`bf16`" keeps fp32 master weights in the optimiser (src/instructflow/master_weights.py), which
