@@ -38,6 +38,8 @@ def test_preload_keeps_what_is_there_and_adds_jemalloc_once(tmp_path):
     assert preload(env) == str(lib.resolve())
     assert preload({**env, "LD_PRELOAD": "/x/libfoo.so"}) == f"/x/libfoo.so:{lib.resolve()}"
     assert preload({**env, "LD_PRELOAD": str(lib.resolve())}) == str(lib.resolve())
+    # An allocator the user preloads already is left alone.
+    assert preload({**env, "LD_PRELOAD": "/opt/libtcmalloc.so.4"}) == "/opt/libtcmalloc.so.4"
 
 
 def test_a_process_started_with_the_preload_runs_on_jemalloc():

@@ -16,6 +16,7 @@ library file, or `off` to keep the default allocator.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import subprocess
@@ -51,22 +52,30 @@ def find_jemalloc(env: dict | None = None) -> Path | None:
 
 
 def preload(env: dict | None = None) -> str:
-    """The value for `LD_PRELOAD`: what it already holds, plus jemalloc when found."""
+    """The value for `LD_PRELOAD`: what it already holds, plus jemalloc when found, unless it already
+    preloads an allocator (the user's tcmalloc, say: the first one loaded would win anyway)."""
     env = os.environ if env is None else env
     current = env.get("LD_PRELOAD", "").strip()
     lib = find_jemalloc(env)
-    if lib is None or str(lib) in current.replace(":", " ").split():
+    if lib is None or any("malloc" in Path(item).name for item in current.replace(":", " ").split()):
         return current
     return f"{current}:{lib}" if current else str(lib)
 
 
 def in_use() -> str:
-    """`jemalloc` when this process runs on it, else `default`: it shows in the process's mapped files."""
+    """Whose malloc this process calls: `jemalloc`, `default` (the C library's), or another library's
+    file name; found from the address `malloc` resolves to and the process's mapped files."""
     try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "default"
-    return "jemalloc" if "libjemalloc" in maps else "default"
+        address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high and len(fields) >= 6:
+                name = Path(fields[5]).name
+                return "jemalloc" if "jemalloc" in name else "default" if name.startswith("libc.") else name
+    except (OSError, AttributeError, ValueError):
+        pass
+    return "default"
 
 
 def install(dest: Path) -> Path | None:
