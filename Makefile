@@ -44,7 +44,7 @@ lint: setup
 	source $(VENV)/bin/activate && snakemake --lint
 
 # Throughput, memory and held-out loss beside the 2023 recipe and TRL, plus preprocessing and
-# generation speed, in one run (~15 min on 2 CPU cores); writes bench/out/ and docs/benchmarks.md.
+# generation speed, in one run (~21 min on 2 CPU cores); writes bench/out/ and docs/benchmarks.md (+ .json).
 # On your own data: make bench BENCH_DATA=path/to/instructions.jsonl (default: generated demo rows).
 BENCH_DATA ?=
 bench: setup

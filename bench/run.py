@@ -321,8 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     (out / "benchmarks.md").write_text(text)
     if args.docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text("# Benchmarks\n\nLatest `make bench` (bench/run.py); raw figures in "
-                             "bench/out/benchmarks.json.\n\n" + text + NOTES)
+        # The raw figures go beside the table, so the quoted run's numbers stay with the repository.
+        raw = args.docs.with_suffix(".json")
+        write_json(raw, report)
+        args.docs.write_text(f"# Benchmarks\n\nLatest `make bench` (bench/run.py); raw figures in {raw.name}.\n\n"
+                             + text + NOTES)
     print(text)
     print(f"bench took {report['wall_s']:.0f} s")
 
