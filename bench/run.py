@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from . import data as bench_data
 from instructflow import allocator
 
+from . import data as bench_data
 from .common import matmul_peak, step_stats, usable_cores, write_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,12 @@ def find_jemalloc(env: dict | None = None) -> Path | None:
         return path.resolve()
     if not sys.platform.startswith("linux"):
         return None  # LD_PRELOAD is how Linux's loader does it
-    for folder in (Path(sys.prefix) / "lib", *map(Path, SYSTEM_DIRS)):
+    return _library_in(Path(sys.prefix) / "lib", *SYSTEM_DIRS)
+
+
+def _library_in(*folders) -> Path | None:
+    """The jemalloc library in the first of ``folders`` that holds one."""
+    for folder in map(Path, folders):
         if (folder / LIBRARY).is_file():
             return (folder / LIBRARY).resolve()
     return None
@@ -84,7 +89,7 @@ def install(dest: Path) -> Path | None:
     where apt is missing or fails (training then runs on the default allocator: a warning says so)."""
     if (dest / LIBRARY).is_file():
         return dest / LIBRARY
-    if any((Path(d) / LIBRARY).is_file() for d in SYSTEM_DIRS):
+    if _library_in(*SYSTEM_DIRS):
         return None
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
         print(f"instructflow: no apt here to fetch {DEBIAN_PACKAGE}; training uses the default allocator "
