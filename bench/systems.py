@@ -187,7 +187,7 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
-def ours(cfg: dict, method: str, precision: str = "auto") -> dict:
+def ours(cfg: dict, method: str, precision: str = "auto", **train_keys) -> dict:
     """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it.
     precision: `train.precision` where the machine has bf16 (auto, the default: bf16-kahan for full
     fine-tuning; bf16, a bf16 model on fp32 master weights; bf16-autocast, autocast over fp32 weights,
@@ -200,7 +200,7 @@ def ours(cfg: dict, method: str, precision: str = "auto") -> dict:
     work = Path(cfg["work"])
     settings = {**cfg["ours"], "method": method, "max_steps": cfg["steps"], "learning_rate": cfg["learning_rate"],
                 "warmup_steps": cfg["warmup_steps"], "log_every": 1, "checkpoint_every": 0,
-                "precision": precision if cfg["bf16"] else "fp32"}
+                "precision": precision if cfg["bf16"] else "fp32", **train_keys}
     summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
                     metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
     rss = peak_rss_mib()
@@ -252,6 +252,7 @@ SYSTEMS = {
     "ours_full_masters": lambda cfg: ours(cfg, "full", precision="bf16"),
     "ours_full_autocast": lambda cfg: ours(cfg, "full", precision="bf16-autocast"),
     "ours_full_glibc": lambda cfg: ours(cfg, "full"),  # run.py starts it without jemalloc
+    "ours_full_unfused": lambda cfg: ours(cfg, "full", fused_kernels=False),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }

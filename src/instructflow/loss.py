@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .attention import segment_kwargs
 from .examples import IGNORE_INDEX
 
@@ -74,11 +75,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for rows, logits, t, lse, chunk_loss in _logit_chunks(h, w, targets):
+        for start in range(0, h.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            chunk_loss, grad_logits[rows] = fused.cross_entropy_chunk(h[rows] @ w.T, targets[rows])
             loss += chunk_loss
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-            grad_logits[rows] = probs
         ctx.save_for_backward(h, w, grad_logits)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from .batching import BatchPlanner, collate
 from .checkpoint import CheckpointError, latest_valid, save_checkpoint
 from .config import train_settings
-from . import allocator, attention, lean_layers
+from . import allocator, attention, fused, lean_layers
 from .device import attention_kernel, autocast, bf16_supported
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -226,6 +226,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=settings["weight_decay"],
                                       betas=(0.9, 0.95), fused=True)
     autocast_on = use_bf16 and not bf16_model
+    fused.enable(settings["fused_kernels"])
     # A model in its own dtype gets RMSNorm and SwiGLU layers that keep less for backward (lean_layers.py).
     lean = {} if autocast_on else lean_layers.patch(model)
     total = settings["max_steps"]
@@ -336,7 +337,8 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                    "trainable_parameters": sum(p.numel() for p in params),
                    "trained_tokens": trained_tokens, "elapsed_s": round(elapsed, 2),
                    "trained_tokens_per_s": round(trained_tokens / max(elapsed, 1e-9), 2),
-                   "peak_rss_mb": round(peak_rss_mb(), 1), "allocator": allocator.in_use()}
+                   "peak_rss_mb": round(peak_rss_mb(), 1), "allocator": allocator.in_use(),
+                   "fused_kernels": fused.report()}
         write_json(summary_path, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
