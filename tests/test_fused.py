@@ -19,6 +19,14 @@ needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++"
                                     reason="torch.compile on the CPU needs a C++ compiler")
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    # Training tests in this process compile the same functions for other models, dtypes and modes.
+    fused.reset()
+    yield
+    fused.reset()
+
+
 def _cases(dtype: torch.dtype, tokens: int) -> dict:
     g = torch.Generator().manual_seed(tokens)
     r = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
@@ -30,6 +38,9 @@ def _cases(dtype: torch.dtype, tokens: int) -> dict:
         "swiglu": (r(1, tokens, 96), r(1, tokens, 96)),
         "swiglu_backward": (r(1, tokens, 96), r(1, tokens, 96), r(1, tokens, 96)),
         "cross_entropy_chunk": (r(tokens, 300) * 4, torch.randint(0, 300, (tokens,), generator=g)),
+        "causal_softmax": (r(2, 3, tokens, tokens) * 8, 0.125),
+        "causal_softmax_backward": (r(2, 3, tokens, tokens), torch.softmax(r(2, 3, tokens, tokens).float(), -1).to(dtype),
+                                    0.125),
     }
 
 
@@ -87,6 +98,15 @@ def test_eager_forms_compute_the_reference_math():
         got_loss, got_grad = fused.cross_entropy_chunk(logits.detach().float(), targets)
         close(got_loss, loss.detach())
         close(got_grad, torch.autograd.grad(loss, logits)[0])
+
+        (scores,) = ref_inputs((2, 3, 5, 5))
+        future = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        probs = torch.softmax((scores * 0.5).masked_fill(future, float("-inf")), dim=-1)
+        got = fused.causal_softmax(scores.detach().float(), 0.5)
+        close(got, probs)
+        assert torch.all(got[..., future] == 0)
+        grad_probs = torch.randn_like(probs)
+        close(fused.causal_softmax_backward(grad_probs.float(), got, 0.5), torch.autograd.grad(probs, scores, grad_probs)[0])
 
 
 def test_without_a_compiler_training_kernels_warn_once_and_run_eagerly(tmp_path):

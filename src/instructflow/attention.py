@@ -20,6 +20,8 @@ import functools
 
 import torch
 
+from . import fused
+
 NAME = "instructflow_segments"
 # Rows up to this length go through matmul + softmax; longer ones through SDPA's fused kernel, whose
 # memory stays linear in the length. Measured on a 2-core AVX-512 CPU (bf16, 9 heads of 64): for 16
@@ -55,17 +57,30 @@ def group_rows(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
+class _CausalSoftmax(torch.autograd.Function):
+    """fused.causal_softmax with its backward: one pass over the scores each way, where scaling,
+    masking and softmax were three (and saves only the probabilities)."""
+
+    @staticmethod
+    def forward(ctx, scores, scale):
+        probs = fused.causal_softmax(scores, scale)
+        ctx.save_for_backward(probs)
+        ctx.scale = scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        (probs,) = ctx.saved_tensors
+        return fused.causal_softmax_backward(grad_probs, probs, ctx.scale), None
+
+
 def _matmul_causal(query, key, value, scaling: float, dropout: float) -> torch.Tensor:
     """Causal attention by matmul + softmax for a right-padded [S, H, L, D] batch: padding sits after
     every real token of its row, so the causal mask alone keeps real tokens from seeing it."""
-    length = query.shape[-2]
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    # Softmax in the scores' own dtype (bf16 under autocast; the kernel accumulates in fp32): its output
-    # is the one tensor saved for both backward passes, a third of the memory of an fp32 softmax
-    # followed by a cast, and faster. Fused kernels round probabilities to bf16 before P @ V as well.
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    # Softmax in fp32, probabilities in the scores' own dtype (bf16 in bf16 training): they are the one
+    # tensor saved for both backward passes, and fused kernels round them to bf16 before P @ V as well.
+    probs = _CausalSoftmax.apply(scores, scaling).to(value.dtype)
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs, value)

@@ -74,16 +74,25 @@ class _Fused:
                 # These kernels are small: a pool of compile workers takes longer to start than it saves.
                 torch._inductor.config.compile_threads = 1
             self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
-            try:
-                return self.compiled(*args)
-            except Exception as err:  # noqa: BLE001 - any compiler failure means: run unfused
-                self.failed = True
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                warnings.warn(f"instructflow: cannot compile {self.eager.__name__} ({type(err).__name__}: "
-                              f"{first_line}); it runs unfused, which is slower. Set train.fused_kernels: false "
-                              "to skip compiling.", RuntimeWarning, stacklevel=2)
-                return self.eager(*args)
-        return self.compiled(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - a compiler failure (or too many recompiles): run unfused
+            self.failed = True
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            warnings.warn(f"instructflow: cannot compile {self.eager.__name__} ({type(err).__name__}: {first_line}); "
+                          "it runs unfused from here on, which is slower. Set train.fused_kernels: false to skip "
+                          "compiling.", RuntimeWarning, stacklevel=2)
+            return self.eager(*args)
+
+    def reset(self) -> None:
+        """Forget compiling (tests: a fresh process's state)."""
+        self.compiled, self.failed, self.calls = None, False, 0
+
+
+def reset() -> None:
+    torch._dynamo.reset()
+    for f in _functions:
+        f.reset()
 
 
 @_Fused
@@ -135,3 +144,23 @@ def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     grad = (z - lse).exp_()
     grad.scatter_add_(1, targets[:, None], torch.full_like(lse, -1.0))
     return loss, grad.to(logits.dtype)
+
+
+@_Fused
+def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scores * scale) over the last dimension with every key after its query masked out, for
+    scores [..., L, L]; computed in fp32, returned in the scores' dtype."""
+    length = scores.shape[-1]
+    positions = torch.arange(length, device=scores.device)
+    future = positions[None, :] > positions[:, None]
+    z = (scores.float() * scale).masked_fill(future, float("-inf"))
+    return torch.softmax(z, dim=-1).to(scores.dtype)
+
+
+@_Fused
+def causal_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient of causal_softmax's scores given its output's (masked keys get zero: their
+    probabilities are)."""
+    p, g = probs.float(), grad_probs.float()
+    return (scale * p * (g - (g * p).sum(-1, keepdim=True))).to(probs.dtype)
+
