@@ -196,14 +196,26 @@ NOTES = """
   length batched, one gather for all of them, matmul + softmax for short rows, SDPA's fused kernel for
   long ones) and builds logits only where a response token is predicted, a chunk of rows at a time,
   turning them into their gradient on the spot (src/instructflow/loss.py).
-- Where the rest of a step goes (torch profiler, one step of 16 Code Alpaca rows in micro-batches of
-  8, bf16 model on fp32 masters): matrix multiplies 71% of the time, at about the measured peak (so MFU
-  against that peak cannot pass the matmuls' share); attention's batched matmuls 5%; copies 3%;
-  elementwise ops (norms, SiLU, residuals) most of the rest. Gradient clipping had asked for fp32 norms,
-  which converted every bf16 gradient first: 0.25 s a step (5%); it now takes the norms of the bf16
-  gradients (each rounded to bf16: a clip coefficient within 0.4%). Compiling the decoder layers with
-  torch.compile gained ~5% after minutes of compiling and recompiles for every new packed length, so it
-  is not used.
+- Where a step goes (torch profiler, one step of 16 Code Alpaca rows, 1,781 tokens, in micro-batches of
+  8, the default `bf16-kahan`, jemalloc): matrix multiplies 60% of the time unfused, 66% with the
+  fused kernels (next point); attention's batched matmuls 5%; the optimiser 3%; then elementwise ops of
+  1-3% each (residual and gradient-accumulation adds, rotary embeddings, copies). Matmuls run at ~87% of
+  the measured peak inside training against ~100% for the same shapes alone, so MFU against that peak
+  cannot pass ~0.87 of the matmuls' share. Gradient clipping had asked for fp32 norms, which converted
+  every bf16 gradient first: 0.25 s a step (5%); it now takes the norms of the bf16 gradients (each
+  rounded to bf16: a clip coefficient within 0.4%).
+- Fused kernels (src/instructflow/fused.py, `train.fused_kernels`, on by default; the row "unfused" is
+  the same training without them): the elementwise chains between matmuls, RMSNorm, SwiGLU, attention's
+  scaled causal softmax and the cross-entropy's softmax, each forward and backward, are compiled by
+  torch.compile (inductor, dynamic shapes: one kernel serves every packed length; shapes with one row
+  compile once more). Alone, for 900 tokens of SmolLM2 (medians of 15, 2 cores): RMSNorm 1.97 -> 0.26 ms,
+  its backward 3.56 -> 0.37 ms, SwiGLU's backward 3.95 -> 1.26 ms, a 128-row cross-entropy chunk 20.3 ->
+  12.9 ms; scaled causal softmax forward + backward for 8 rows of 110 tokens 3.65 -> 2.12 ms. The first
+  step compiles (22 s with an empty kernel cache, 5-7 s from inductor's cache in /tmp). The kernels keep
+  bf16 intermediates in fp32 (eager rounds each to bf16), so losses differ in the last bits. Asking
+  inductor to round as eager does (`emulate_precision_casts`) made RMSNorm's backward 3.6x slower than
+  fused without it, so it is not used. Compiling whole decoder layers had gained ~5% after minutes of
+  compiling, with a recompile for every new packed length; these small functions compile once.
 - Peak RSS of full fine-tuning (`bf16`): fp32 master weights and two fp32 AdamW moments (3 x 4 bytes x
   134.5 M = 1.6 GB), the bf16 model and its gradients (0.54 GB) and the runtime (~0.3 GB) stay between
   steps. The optimiser steps the masters a chunk at a time, their fp32 gradients in one reused buffer the
