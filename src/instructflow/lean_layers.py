@@ -29,7 +29,7 @@ from . import fused
 
 class _RMSNorm(torch.autograd.Function):
     """weight * (x / rms(x)) in fp32, rounded to x's dtype before the weight, as transformers' RMSNorm
-    computes it; saves x and 1/rms."""
+    computes it (the fused kernel skips that rounding: fused.py); saves x and 1/rms."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
