@@ -9,8 +9,8 @@ where compiling is turned off or cannot work (no C++ compiler, no Triton on a GP
 
 Compiled kernels keep bf16 intermediates in fp32 (eager PyTorch rounds each to bf16), so their results
 differ from the eager forms' in the last bits: more precise, not the same. Every function here is
-plain tensor math without autograd: the autograd Functions of lean_layers.py
-and loss.py call them from their forward and backward passes, so inductor compiles inference graphs
+plain tensor math without autograd: the autograd Functions of lean_layers.py,
+loss.py and attention.py call them from their forward and backward passes, so inductor compiles inference graphs
 only. Shapes are marked dynamic, so packed micro-batches of ever-new lengths reuse one kernel.
 """
 

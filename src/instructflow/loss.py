@@ -53,13 +53,9 @@ def _final_logit_transform(config):
 CHUNK_ROWS = 128
 
 
-def _logit_chunks(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor):
-    """For CHUNK_ROWS rows at a time: (rows, fp32 logits, targets, log-sum-exp per row, summed loss)."""
-    for start in range(0, h.shape[0], CHUNK_ROWS):
-        rows = slice(start, start + CHUNK_ROWS)
-        logits, t = (h[rows] @ w.T).float(), targets[rows]
-        lse = torch.logsumexp(logits, dim=-1)
-        yield rows, logits, t, lse, (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+def _row_chunks(rows: int):
+    """Slices of CHUNK_ROWS rows covering ``rows`` rows."""
+    return (slice(start, start + CHUNK_ROWS) for start in range(0, rows, CHUNK_ROWS))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -75,8 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
+        for rows in _row_chunks(h.shape[0]):
             chunk_loss, grad_logits[rows] = fused.cross_entropy_chunk(h[rows] @ w.T, targets[rows])
             loss += chunk_loss
         ctx.save_for_backward(h, w, grad_logits)
@@ -105,8 +100,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # Evaluation: the same chunked loss without making (and keeping) the logits' gradient.
     h, w = hidden.to(dtype), weight.to(dtype)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for *_, chunk_loss in _logit_chunks(h, w, targets):
-        loss += chunk_loss
+    for rows in _row_chunks(h.shape[0]):
+        logits, t = (h[rows] @ w.T).float(), targets[rows]
+        loss += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
     return loss
 
 
