@@ -3,9 +3,13 @@ error, updates below bf16's resolution accumulate, export restores fp32, weight 
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
+from instructflow import fused
 from instructflow.config import ConfigError, train_settings
 from instructflow.kahan import optimizer_for, restore_fp32
 
@@ -73,3 +77,38 @@ def test_auto_precision(settings, bf16_ok, expected):
     from instructflow.train import resolve_precision
 
     assert resolve_precision(train_settings(settings), bf16_ok) == expected
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile needs a C++ compiler")
+def test_fused_step_moves_weights_as_optimis_own_step():
+    torch.manual_seed(0)
+    fused_layer, optimi_layer = torch.nn.Linear(64, 48), torch.nn.Linear(64, 48)
+    optimi_layer.load_state_dict(fused_layer.state_dict())
+    start = [p.detach().clone() for p in fused_layer.parameters()]
+    fused_opt = optimizer_for(fused_layer, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    optimi_opt = optimizer_for(optimi_layer, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    fused.reset()
+    try:
+        for step in range(6):
+            if step == 3:  # a scheduler's new learning rate is new data for the compiled kernel
+                for opt in (fused_opt, optimi_opt):
+                    opt.param_groups[0]["lr"] = 3e-4
+            for a, b in zip(fused_layer.parameters(), optimi_layer.parameters()):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+            fused_opt.step()
+            with fused.unfused():  # optimi's per-tensor loop
+                optimi_opt.step()
+        assert fused.report()["kahan_adamw"] == "compiled"
+    finally:
+        fused.reset()
+    for a, b, before in zip(fused_layer.parameters(), optimi_layer.parameters(), start):
+        got = a.float() + fused_opt.state[a]["kahan_comp"].float()
+        want = b.float() + optimi_opt.state[b]["kahan_comp"].float()
+        # Six Adam steps of random gradients move a weight by about 2e-3; optimi rounds the moments and
+        # the step to bf16 after each operation, the kernel once, so the two differ by a small part of that.
+        assert (want - before).abs().mean() > 1e-3
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        for key in ("exp_avg", "exp_avg_sq"):  # bf16 moments, each step rounded differently: a few ulps
+            torch.testing.assert_close(fused_opt.state[a][key].float(), optimi_opt.state[b][key].float(),
+                                       rtol=2**-5, atol=1e-6)

@@ -74,16 +74,41 @@ class _CausalSoftmax(torch.autograd.Function):
         return fused.causal_softmax_backward(grad_probs, probs, ctx.scale), None
 
 
+class _GatherSlots(torch.autograd.Function):
+    """x[slot_token] ([tokens, ...] -> [slots, ...]) whose backward gathers back by token_slot, where
+    index_select's would zero a tokens-sized buffer and scatter-add every slot into it. Exact here
+    because the slots past a row's end get zero gradient: their outputs are dropped, and causality
+    keeps every real query from attending to them."""
+
+    @staticmethod
+    def forward(ctx, x, slot_token, token_slot):
+        ctx.save_for_backward(token_slot)
+        return x.index_select(0, slot_token)
+
+    @staticmethod
+    def backward(ctx, grad_slots):
+        (token_slot,) = ctx.saved_tensors
+        return grad_slots.index_select(0, token_slot), None, None
+
+
 def _matmul_causal(query, key, value, scaling: float, dropout: float) -> torch.Tensor:
-    """Causal attention by matmul + softmax for a right-padded [S, H, L, D] batch: padding sits after
-    every real token of its row, so the causal mask alone keeps real tokens from seeing it."""
-    scores = torch.matmul(query, key.transpose(-1, -2))
+    """Causal attention by matmul + softmax for a right-padded batch: query [S, Hkv, G, L, D] (the G
+    query heads that share each key/value head), key and value [S, Hkv, L, D]; returns [S, Hkv, G, L, D].
+    Padding sits after every real token of its row, so the causal mask alone keeps real tokens from
+    seeing it.
+
+    The G query heads of a key/value head are stacked along the length, [S, Hkv, G*L, D], so one matmul
+    serves them all: no copies of keys and values per query head (repeat_kv), and their gradients are
+    summed over the G heads inside the backward matmuls instead of by a separate reduction."""
+    rows, kv_heads, group, length, dim = query.shape
+    scores = torch.matmul(query.reshape(rows, kv_heads, group * length, dim), key.transpose(-1, -2))
     # Softmax in fp32, probabilities in the scores' own dtype (bf16 in bf16 training): they are the one
     # tensor saved for both backward passes, and fused kernels round them to bf16 before P @ V as well.
-    probs = _CausalSoftmax.apply(scores, scaling).to(value.dtype)
+    probs = _CausalSoftmax.apply(scores.view(rows, kv_heads, group, length, length), scaling).to(value.dtype)
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout)
-    return torch.matmul(probs, value)
+    out = torch.matmul(probs.view(rows, kv_heads, group * length, length), value)
+    return out.view(rows, kv_heads, group, length, dim)
 
 
 @functools.lru_cache(maxsize=4)
@@ -117,25 +142,27 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     shapes, slot_token, token_slot = _layout(tuple(cu_seq_lens_q.tolist()), query.device)
-    heads, dim = query.shape[1], query.shape[-1]
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
     # One gather per tensor for all groups (squeeze, unlike [0], has a free backward): [slots, H, D].
-    q, k, v = (t.squeeze(0).transpose(0, 1).index_select(0, slot_token) for t in (query, key, value))
+    q, k, v = (_GatherSlots.apply(t.squeeze(0).transpose(0, 1), slot_token, token_slot) for t in (query, key, value))
     outputs, start = [], 0
     for rows, width in shapes:
         part = slice(start, start + rows * width)
         start += rows * width
         if width == 0:
             continue
-        gq, gk, gv = (t[part].view(rows, width, t.shape[1], dim).transpose(1, 2) for t in (q, k, v))  # [S, H, L, D]
-        # Grouped-query attention: each key/value head serves heads // key_heads query heads.
-        gk, gv = repeat_kv(gk, heads // gk.shape[1]), repeat_kv(gv, heads // gv.shape[1])
         if width <= MATMUL_MAX_LENGTH:
-            o = _matmul_causal(gq, gk, gv, scale, dropout)
+            gq = q[part].view(rows, width, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
+            gk, gv = (t[part].view(rows, width, kv_heads, dim).transpose(1, 2) for t in (k, v))
+            o = _matmul_causal(gq, gk, gv, scale, dropout).permute(0, 3, 1, 2, 4)  # [S, L, Hkv, G, D]
         else:
+            gq, gk, gv = (t[part].view(rows, width, t.shape[1], dim).transpose(1, 2) for t in (q, k, v))
+            # Grouped-query attention: each key/value head serves heads // key_heads query heads.
+            gk, gv = repeat_kv(gk, heads // kv_heads), repeat_kv(gv, heads // kv_heads)
             o = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, is_causal=True, scale=scale,
-                                                                 dropout_p=dropout)
-        outputs.append(o.transpose(1, 2).reshape(rows * width, heads, dim))
+                                                                 dropout_p=dropout).transpose(1, 2)
+        outputs.append(o.reshape(rows * width, heads, dim))
     if not outputs:
         return query.new_zeros(1, 0, heads, dim), None
     return torch.cat(outputs).index_select(0, token_slot).unsqueeze(0), None  # [1, T, H, D]

@@ -1,16 +1,18 @@
 """The elementwise chains of a training step, each fused into one kernel by torch.compile.
 
 Between the matrix multiplies of a step sit chains of elementwise work: RMSNorm's fp32 round trip and
-its backward, SwiGLU's activation and its backward, the cross-entropy's softmax over 49k logits. In
+its backward, SwiGLU's activation and its backward, the cross-entropy's softmax over 49k logits; after
+them the optimiser's update, a chain per parameter (kahan.py). In
 eager PyTorch every link of a chain is a pass over memory (RMSNorm's backward alone is a dozen), and
 on a 2-core CPU those passes were about a fifth of a step. Compiled by inductor, each chain is one
 loop (RMSNorm backward: 4.2 ms -> 0.24 ms for 900 tokens of SmolLM2); the same functions run eagerly
 where compiling is turned off or cannot work (no C++ compiler, no Triton on a GPU), with a warning.
 
 Compiled kernels keep bf16 intermediates in fp32 (eager PyTorch rounds each to bf16), so their results
-differ from the eager forms' in the last bits: more precise, not the same. Every function here is
+differ from the eager forms' in the last bits: more precise, not the same (the optimiser's kernel, whose
+Kahan compensation must see the exact rounding, asks inductor to round as eager code does). Every function here is
 plain tensor math without autograd: the autograd Functions of lean_layers.py,
-loss.py and attention.py call them from their forward and backward passes, so inductor compiles inference graphs
+loss.py and attention.py (and kahan.py's optimiser) call them from their forward and backward passes, so inductor compiles inference graphs
 only. Shapes are marked dynamic, so packed micro-batches of ever-new lengths reuse one kernel.
 """
 
@@ -31,6 +33,10 @@ _functions: list["_Fused"] = []
 def enable(on: bool) -> None:
     global _enabled
     _enabled = on
+
+
+def enabled() -> bool:
+    return _enabled
 
 
 @contextlib.contextmanager
@@ -55,8 +61,9 @@ class _Fused:
     """A function that runs compiled once compiling it has worked, and eagerly if compiling is off or
     failed (the failure is reported once, then the eager form is kept for the rest of the process)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, options: dict | None = None):
         self.eager = fn
+        self.options = options
         self.compiled = None
         self.failed = False
         self.calls = 0
@@ -73,7 +80,7 @@ class _Fused:
             if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
                 # These kernels are small: a pool of compile workers takes longer to start than it saves.
                 torch._inductor.config.compile_threads = 1
-            self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
+            self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True, options=self.options)
         try:
             return self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - a compiler failure (or too many recompiles): run unfused
@@ -164,3 +171,29 @@ def causal_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor, scale
     p, g = probs.float(), grad_probs.float()
     return (scale * p * (g - (g * p).sum(-1, keepdim=True))).to(probs.dtype)
 
+
+
+@functools.partial(_Fused, options={"emulate_precision_casts": True})
+def kahan_adamw(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                kahan_comp: torch.Tensor, hyper: torch.Tensor) -> None:
+    """One AdamW step without weight decay for a bf16 parameter whose lost low bits are kept in
+    ``kahan_comp`` (optimi's Kahan-summed AdamW), in place: one pass over the five tensors, where
+    optimi's per-tensor loop makes about ten. ``hyper`` holds [lr, 1 - beta1_hat, beta2_hat,
+    1 - beta2_hat, eps] (optimi's debiased betas) as an fp32 tensor, so a new learning rate or step is new
+    data, not a recompile.
+
+    The compensation keeps exactly what rounding the new weight to bf16 lost, so the compiled kernel must
+    round as eager code does (``emulate_precision_casts``): without it inductor keeps the rounded weight in
+    fp32 and the compensation cancels the update. The moments are rounded once, at the end, where optimi
+    rounds after each operation."""
+    lr, beta1_comp, beta2_hat, beta2_comp, eps = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]
+    g = grad.float()
+    m = exp_avg.float().lerp(g, beta1_comp).to(exp_avg.dtype)
+    v = (exp_avg_sq.float() * beta2_hat + beta2_comp * g * g).to(exp_avg_sq.dtype)
+    comp = kahan_comp.float() - lr * m.float() / (v.float().sqrt() + eps)
+    old = param.float()
+    new = (old + comp).to(param.dtype)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    kahan_comp.copy_((comp + (old - new.float())).to(kahan_comp.dtype))
+    param.copy_(new)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
+
 
 def optimizer_for(model: torch.nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float):
     """Convert ``model``'s trainable parameters to bf16 in place and return an optimi AdamW over them
@@ -33,12 +35,43 @@ def optimizer_for(model: torch.nn.Module, *, lr: float, betas: tuple[float, floa
         residuals.append((p.data - rounded.float()).to(torch.bfloat16))
         p.data = rounded
         params.append(p)
-    # optimi's per-tensor loop: on the CPU its foreach path was 10% slower (0.20 against 0.18 s a step).
-    foreach = bool(params) and params[0].device.type == "cuda"
-    optimizer = optimi.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, kahan_sum=True, foreach=foreach)
+    # On the CPU optimi's per-tensor loop (its foreach path was 10% slower: 0.20 against 0.18 s a step),
+    # replaced by one fused kernel per tensor where weight decay is off (always, with this precision).
+    on_cpu = not params or params[0].device.type == "cpu"
+    kind = _fused_adamw_class() if on_cpu and weight_decay == 0 else optimi.AdamW
+    optimizer = kind(params, lr=lr, betas=betas, weight_decay=weight_decay, kahan_sum=True, foreach=not on_cpu)
     for p, residual in zip(params, residuals):
         optimizer.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), kahan_comp=residual)
     return optimizer
+
+
+def _fused_adamw_class():
+    """optimi's AdamW, whose step runs fused.kahan_adamw for each parameter while fused kernels are on:
+    0.17 s a step for SmolLM2-135M on 2 cores against optimi's 0.22 s (one pass over memory instead of
+    about ten). State, hyperparameters, debiasing and checkpoints stay optimi's."""
+    import optimi
+    from optimi.utils import debias_beta
+
+    class FusedKahanAdamW(optimi.AdamW):
+        @torch.no_grad()
+        def step(self, closure=None, param=None):
+            if closure is not None or param is not None or not fused.enabled():
+                return super().step(closure, param)
+            for group in self.param_groups:
+                params, grads, exp_avgs, exp_avg_sqs, comps = [], [], [], [], []
+                self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, comps)
+                group["step"].add_(1)
+                n = int(group["step"].item())
+                beta1_hat, beta2_hat = debias_beta(group["beta1"], n), debias_beta(group["beta2"], n)
+                hyper = torch.tensor([group["lr"], 1 - beta1_hat, beta2_hat, 1 - beta2_hat, group["eps"]],
+                                     dtype=torch.float32)
+                for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, comps):
+                    # Flat views: one kernel serves every parameter shape.
+                    p, g, m, v, c = (t.detach() for t in tensors)
+                    fused.kahan_adamw(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), c.view(-1), hyper)
+            return None
+
+    return FusedKahanAdamW
 
 
 def restore_fp32(model: torch.nn.Module, optimizer) -> None:
