@@ -146,18 +146,19 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else dim**-0.5
     # One gather per tensor for all groups (squeeze, unlike [0], has a free backward): [slots, H, D].
     q, k, v = (_GatherSlots.apply(t.squeeze(0).transpose(0, 1), slot_token, token_slot) for t in (query, key, value))
-    outputs, start = [], 0
-    for rows, width in shapes:
-        part = slice(start, start + rows * width)
-        start += rows * width
+    # Split, not sliced: a slice's backward writes its gradient into a zeroed full-size tensor, once per
+    # group and tensor, where split's concatenates the groups' gradients in one pass.
+    sizes = [rows * width for rows, width in shapes]
+    outputs = []
+    for (rows, width), q_part, k_part, v_part in zip(shapes, q.split(sizes), k.split(sizes), v.split(sizes)):
         if width == 0:
             continue
         if width <= MATMUL_MAX_LENGTH:
-            gq = q[part].view(rows, width, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
-            gk, gv = (t[part].view(rows, width, kv_heads, dim).transpose(1, 2) for t in (k, v))
+            gq = q_part.view(rows, width, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
+            gk, gv = (t.view(rows, width, kv_heads, dim).transpose(1, 2) for t in (k_part, v_part))
             o = _matmul_causal(gq, gk, gv, scale, dropout).permute(0, 3, 1, 2, 4)  # [S, L, Hkv, G, D]
         else:
-            gq, gk, gv = (t[part].view(rows, width, t.shape[1], dim).transpose(1, 2) for t in (q, k, v))
+            gq, gk, gv = (t.view(rows, width, t.shape[1], dim).transpose(1, 2) for t in (q_part, k_part, v_part))
             # Grouped-query attention: each key/value head serves heads // key_heads query heads.
             gk, gv = repeat_kv(gk, heads // kv_heads), repeat_kv(gv, heads // kv_heads)
             o = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, is_causal=True, scale=scale,
