@@ -193,17 +193,24 @@ NOTES = """
   the whole vocabulary at every position. TRL packs rows (no padding) but still projects every position
   onto the vocabulary. instructflow takes a random sample of rows per step, packs each micro-batch into
   one row without padding, runs attention row by row (src/instructflow/attention.py: rows of similar
-  length batched, one gather for all of them, matmul + softmax for short rows, SDPA's fused kernel for
-  long ones) and builds logits only where a response token is predicted, a chunk of rows at a time,
-  turning them into their gradient on the spot (src/instructflow/loss.py).
+  length batched, one gather for all of them, matmul + softmax for short rows with the query heads that
+  share a key/value head stacked into one matmul, SDPA's fused kernel for long ones) and builds logits
+  only where a response token is predicted, a chunk of rows at a time, turning them into their gradient
+  on the spot (src/instructflow/loss.py).
 - Where a step goes (torch profiler, one step of 16 Code Alpaca rows, 1,781 tokens, in micro-batches of
-  8, the default `bf16-kahan`, jemalloc): matrix multiplies 60% of the time unfused, 66% with the
-  fused kernels (next point); attention's batched matmuls 5%; the optimiser 3%; then elementwise ops of
-  1-3% each (residual and gradient-accumulation adds, rotary embeddings, copies). Matmuls run at ~87% of
-  the measured peak inside training against ~100% for the same shapes alone, so MFU against that peak
-  cannot pass ~0.87 of the matmuls' share. Gradient clipping had asked for fp32 norms, which converted
-  every bf16 gradient first: 0.25 s a step (5%); it now takes the norms of the bf16 gradients (each
-  rounded to bf16: a clip coefficient within 0.4%).
+  8, the default `bf16-kahan`, jemalloc, fused kernels): matrix multiplies 71% of the time (65% before
+  the attention changes of the next points, 60% before the fused kernels); attention's batched matmuls
+  5%; the compiled kernels 9% together; the optimiser 3.6%; adds, copies and fills about 1% each.
+  Matmuls run at 83-87% of the measured peak inside training against 88-97% for the same shapes alone
+  (cold or warm caches), so MFU against that peak cannot pass ~0.9 of the matmuls' share. Gradient
+  clipping had asked for fp32 norms, which converted every bf16 gradient first: 0.25 s a step (5%); it
+  now takes the norms of the bf16 gradients (each rounded to bf16: a clip coefficient within 0.4%).
+- Attention (src/instructflow/attention.py), forward + backward of one layer for 8 packed rows of
+  59-185 tokens (1,020 tokens, SmolLM2's 9 query and 3 key/value heads, medians of 60 alternating
+  runs): 17.8 -> 13.5 ms. The 3 query heads of a key/value head are stacked along the length into one
+  matmul (no key/value copies per query head, whose gradients a separate reduction summed); q, k and v
+  are split into their row groups where slicing them made every group's backward zero and add a
+  full-size gradient; their gather's backward gathers back instead of scatter-adding into zeros.
 - Fused kernels (src/instructflow/fused.py, `train.fused_kernels`, on by default; the row "unfused" is
   the same training without them): the elementwise chains between matmuls, RMSNorm, SwiGLU, attention's
   scaled causal softmax and the cross-entropy's softmax, each forward and backward, are compiled by
@@ -214,8 +221,12 @@ NOTES = """
   step compiles (22 s with an empty kernel cache, 5-7 s from inductor's cache in /tmp). The kernels keep
   bf16 intermediates in fp32 (eager rounds each to bf16), so losses differ in the last bits. Asking
   inductor to round as eager does (`emulate_precision_casts`) made RMSNorm's backward 3.6x slower than
-  fused without it, so it is not used. Compiling whole decoder layers had gained ~5% after minutes of
-  compiling, with a recompile for every new packed length; these small functions compile once.
+  fused without it, so only the optimiser's kernel asks for it: `bf16-kahan`'s AdamW update (moments,
+  step, Kahan compensation) is one compiled pass per parameter on the CPU, 0.217 -> 0.172 s a step for
+  all of SmolLM2, and its compensation must hold exactly what rounding the new weight lost (without
+  exact rounding the compensation cancelled every update; tests/test_kahan.py compares it with optimi's
+  own step). Compiling whole decoder layers had gained ~5% after minutes of compiling, with a recompile
+  for every new packed length; these small functions compile once.
 - Peak RSS of full fine-tuning (`bf16`): fp32 master weights and two fp32 AdamW moments (3 x 4 bytes x
   134.5 M = 1.6 GB), the bf16 model and its gradients (0.54 GB) and the runtime (~0.3 GB) stay between
   steps. The optimiser steps the masters a chunk at a time, their fp32 gradients in one reused buffer the
