@@ -10,10 +10,11 @@ where compiling is turned off or cannot work (no C++ compiler, no Triton on a GP
 
 Compiled kernels keep bf16 intermediates in fp32 (eager PyTorch rounds each to bf16), so their results
 differ from the eager forms' in the last bits: more precise, not the same (the optimiser's kernel, whose
-Kahan compensation must see the exact rounding, asks inductor to round as eager code does). Every function here is
-plain tensor math without autograd: the autograd Functions of lean_layers.py,
-loss.py and attention.py (and kahan.py's optimiser) call them from their forward and backward passes, so inductor compiles inference graphs
-only. Shapes are marked dynamic, so packed micro-batches of ever-new lengths reuse one kernel.
+Kahan compensation must see the exact rounding, asks inductor to round as eager code does). Every
+function here is plain tensor math without autograd: the autograd Functions of lean_layers.py, loss.py
+and attention.py (and kahan.py's optimiser) call them from their forward and backward passes, so
+inductor compiles inference graphs only. Shapes are marked dynamic, so packed micro-batches of ever-new
+lengths reuse one kernel.
 """
 
 from __future__ import annotations
@@ -170,7 +171,6 @@ def causal_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor, scale
     probabilities are)."""
     p, g = probs.float(), grad_probs.float()
     return (scale * p * (g - (g * p).sum(-1, keepdim=True))).to(probs.dtype)
-
 
 
 @functools.partial(_Fused, options={"emulate_precision_casts": True})
