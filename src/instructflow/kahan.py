@@ -55,7 +55,9 @@ def _fused_adamw_class():
     class FusedKahanAdamW(optimi.AdamW):
         @torch.no_grad()
         def step(self, closure=None, param=None):
-            if closure is not None or param is not None or not fused.enabled():
+            # The kernel has no weight decay; optimi's own step covers what it does not.
+            if closure is not None or param is not None or not fused.enabled() \
+                    or any(group["weight_decay"] for group in self.param_groups):
                 return super().step(closure, param)
             for group in self.param_groups:
                 params, grads, exp_avgs, exp_avg_sqs, comps = [], [], [], [], []
