@@ -3,6 +3,8 @@ built offline in the test session so every stage runs in seconds without the Hub
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +14,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / ".test" / "data" / "instructions.csv"
 ARCHS = ("gpt2", "gpt_neox", "llama")
+# torch.compile on the CPU needs a C++ compiler: inductor takes $CXX, else g++ (as `make setup` checks).
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 # A minimal chat template in the shape real ones have: role markers, generation prompt at the end.

@@ -4,7 +4,6 @@ that cannot compile gets the eager forms with a warning instead of a failed trai
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import HAS_COMPILER
 from instructflow import fused
 
-needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
-                                    reason="torch.compile on the CPU needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on the CPU needs a C++ compiler")
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,10 @@ error, updates below bf16's resolution accumulate, export restores fp32, weight 
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
+from conftest import HAS_COMPILER
 from instructflow import fused
 from instructflow.config import ConfigError, train_settings
 from instructflow.kahan import optimizer_for, restore_fp32
@@ -79,7 +77,7 @@ def test_auto_precision(settings, bf16_ok, expected):
     assert resolve_precision(train_settings(settings), bf16_ok) == expected
 
 
-@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile needs a C++ compiler")
 def test_fused_step_moves_weights_as_optimis_own_step():
     torch.manual_seed(0)
     fused_layer, optimi_layer = torch.nn.Linear(64, 48), torch.nn.Linear(64, 48)
