@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	# jemalloc for training (src/instructflow/allocator.py): from Debian's package where apt is present;
 	# without it training runs on glibc's malloc, with ~0.4 GiB more peak memory.
-	$(PY) -m instructflow.allocator --install $(VENV)/lib
+	$(PY) -m instructflow.kernels.allocator --install $(VENV)/lib
 	@command -v "$${CXX:-g++}" >/dev/null || echo "note: no C++ compiler (g++) found: training will run its kernels unfused (train.fused_kernels), about 10% slower; install g++ to fuse them"
 	touch $@
 

@@ -3,7 +3,7 @@ alternating), so the machine's drift between bench rows cancels out.
 
     python -m bench.paired [--steps 14]   (after `make bench`, which leaves the model and token cache in bench/out)
 
-Start it as the train rule starts training (LD_PRELOAD=$(python -m instructflow.allocator)) to compare
+Start it as the train rule starts training (LD_PRELOAD=$(python -m instructflow.kernels.allocator)) to compare
 like for like. The learning rate is tiny so both runs of a step see nearly the same weights.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from instructflow import fused, lean_layers
+from instructflow.kernels import fused, lean_layers
 from instructflow.batching import BatchPlanner, collate
 from instructflow.config import train_settings
 from instructflow.examples import Examples

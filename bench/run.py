@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from instructflow import allocator
+from instructflow.kernels import allocator
 
 from . import data as bench_data
 from .common import matmul_peak, step_stats, usable_cores, write_json

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from instructflow import allocator
-from instructflow.allocator import ENV, find_jemalloc, in_use, preload
+from instructflow.kernels import allocator
+from instructflow.kernels.allocator import ENV, find_jemalloc, in_use, preload
 
-PROBE = "from instructflow.allocator import in_use; print(in_use())"
+PROBE = "from instructflow.kernels.allocator import in_use; print(in_use())"
 
 
 def _run_with_preload(value: str) -> str:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_COMPILER
-from instructflow import fused
+from instructflow.kernels import fused
 
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on the CPU needs a C++ compiler")
 
@@ -113,7 +113,7 @@ def test_without_a_compiler_training_kernels_warn_once_and_run_eagerly(tmp_path)
     # empty kernel cache so nothing compiled earlier can be loaded instead.
     script = textwrap.dedent("""
         import warnings, torch
-        from instructflow import fused
+        from instructflow.kernels import fused
         x, w = torch.randn(1, 9, 16), torch.randn(16)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

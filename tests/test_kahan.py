@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import HAS_COMPILER
-from instructflow import fused
+from instructflow.kernels import fused
 from instructflow.config import ConfigError, train_settings
-from instructflow.kahan import optimizer_for, restore_fp32
+from instructflow.kernels.kahan import optimizer_for, restore_fp32
 
 
 def _layer(value: float = 1.0) -> torch.nn.Linear:

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from instructflow import lean_layers
+from instructflow.kernels import lean_layers
 
 
 def _llama(dtype=torch.float32):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instructflow.master_weights import MasterWeights
+from instructflow.kernels.master_weights import MasterWeights
 
 
 def _tied_llama():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ARCHS, build_model
-from instructflow import attention
+from instructflow.kernels import attention
 from instructflow.batching import collate
 from instructflow.examples import IGNORE_INDEX, Examples
 from instructflow.loss import response_loss_sum

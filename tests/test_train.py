@@ -95,11 +95,17 @@ def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_o
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from instructflow.config import train_settings
-    from instructflow.train import build_model, merged_lora
+    from instructflow.kernels.master_weights import bf16_frozen_weights
+    from instructflow.modeling import load_model
+    from instructflow.train import add_lora, merged_lora
+
+    def build_model(model_dir, settings):
+        return add_lora(load_model(model_dir)[0], settings)
 
     model_dir = tiny_model_dir("llama")
-    settings = train_settings({"method": "lora", "lora": {"r": 4, "alpha": 8}, "packing": False})
-    light = build_model(model_dir, settings, bf16_frozen=True)
+    settings = train_settings({"method": "lora", "lora": {"r": 4, "alpha": 8}})
+    light = build_model(model_dir, settings)
+    bf16_frozen_weights(light)
     dtypes = {name: p.dtype for name, p in light.named_parameters()}
     assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
     assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
@@ -118,22 +124,24 @@ def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_o
 
     # End to end: LoRA in bf16 exports fp32 weights; frozen, unadapted weights are the originals, bit for bit.
     run, _ = _train(tmp_path, model_dir, train_tokens, method="lora", precision="bf16", lora={"r": 4, "alpha": 8})
+    assert _["precision_mode"] == "bf16-autocast"
     weights, base = _weights(run / "model"), _weights(model_dir)
     assert all(t.dtype == torch.float32 for t in weights.values())
     assert torch.equal(weights["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
-# bf16: a bf16 model on fp32 masters, which export writes; bf16-kahan: bf16 weights and optimiser state,
+# masters: a bf16 model on fp32 masters, which export writes; kahan: bf16 weights and optimiser state,
 # exported as weight + Kahan compensation.
-@pytest.mark.parametrize("precision, flag", [("bf16", "master_weights"), ("bf16-kahan", "kahan_bf16")])
+@pytest.mark.parametrize("mode", ["masters", "kahan"])
 def test_bf16_full_training_exports_fp32_weights_and_learns_as_autocast_does(tmp_path, tiny_model_dir, train_tokens,
-                                                                             precision, flag):
+                                                                             mode):
     model_dir = tiny_model_dir("llama")
-    settings = {"max_steps": 6, "learning_rate": 3e-3}
-    run, summary = _train(tmp_path, model_dir, train_tokens, precision, precision=precision, **settings)
-    autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", precision="bf16-autocast", **settings)
-    assert summary[flag] is True and not plain["master_weights"] and not plain["kahan_bf16"]
+    settings = {"max_steps": 6, "learning_rate": 3e-3, "precision": "bf16"}
+    run, summary = _train(tmp_path, model_dir, train_tokens, mode, advanced={"bf16_mode": mode}, **settings)
+    autocast, plain = _train(tmp_path, model_dir, train_tokens, "autocast", advanced={"bf16_mode": "autocast"},
+                             **settings)
+    assert summary["precision_mode"] == f"bf16-{mode}" and plain["precision_mode"] == "bf16-autocast"
     # The bf16 model gets the lean layers; under autocast the model keeps its own.
     assert summary["lean_layers"] == {"rms_norm": 5, "swiglu_mlp": 2} and plain["lean_layers"] == {}
     weights, base = _weights(run / "model"), _weights(model_dir)
@@ -160,17 +168,17 @@ def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_di
 
 def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, train_tokens):
     model_dir = tiny_model_dir("llama")
-    padded, unpacked = _train(tmp_path, model_dir, train_tokens, "padded", packing=False)
+    padded, unpacked = _train(tmp_path, model_dir, train_tokens, "padded", advanced={"packing": False})
     packed, summary = _train(tmp_path, model_dir, train_tokens, "packed")  # the default
     assert summary["packing"] is True and unpacked["packing"] is False
     assert _losses(packed) == pytest.approx(_losses(padded), abs=1e-4)
 
 
-# bf16: the checkpoint holds the fp32 masters; bf16-kahan: bf16 weights, the compensation in the optimiser state.
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-kahan"])
-def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens, precision):
+# masters: the checkpoint holds the fp32 masters; kahan: bf16 weights, the compensation in the optimiser state.
+@pytest.mark.parametrize("precision, mode", [("fp32", "auto"), ("bf16", "masters"), ("bf16", "kahan")])
+def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir, train_tokens, precision, mode):
     model_dir = tiny_model_dir("llama")
-    settings = {"max_steps": 4, "checkpoint_every": 2, "precision": precision}
+    settings = {"max_steps": 4, "checkpoint_every": 2, "precision": precision, "advanced": {"bf16_mode": mode}}
     run, first = _train(tmp_path, model_dir, train_tokens, **settings)
     assert first["resumed_from_step"] == 0
     uninterrupted = _weights(run / "model")

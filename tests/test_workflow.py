@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ARCHS, HAS_COMPILER, REPO, TEST_DATA
-from instructflow.allocator import find_jemalloc
+from instructflow.kernels.allocator import find_jemalloc
 
 pytestmark = pytest.mark.slow
 

@@ -133,11 +133,10 @@ def train_settings(settings: dict) -> dict:
     """Training settings with the schema's defaults filled in: the one source of defaults for the
     workflow and for callers of the trainer alike."""
     settings = validate(settings, train_schema())
-    if settings["precision"] == "bf16-kahan" and settings["weight_decay"] and settings["method"] == "full":
-        # kahan.py: optimi decays the bf16 weights themselves, where lr x weight_decay rounds away.
-        raise ConfigError("config key weight_decay: must be 0 with precision bf16-kahan, whose optimiser would "
-                          "apply it to bf16 weights where so small a step rounds away; use precision bf16 for "
-                          "weight decay")
+    if settings["advanced"]["bf16_mode"] == "kahan" and settings["weight_decay"] and settings["method"] == "full":
+        # kernels/kahan.py: optimi decays the bf16 weights themselves, where lr x weight_decay rounds away.
+        raise ConfigError("config key advanced.bf16_mode: kahan needs weight_decay 0: its optimiser would apply the "
+                          "decay to bf16 weights, where so small a step rounds away; use bf16_mode masters or auto")
     return settings
 
 

@@ -96,14 +96,24 @@ def _resolve_bf16(dtype: str, device: torch.device) -> bool:
 
 
 def load_model(model_dir: str | os.PathLike, device: torch.device | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model (fp32, attention checked against eager: modeling.py) and its tokenizer."""
+    from transformers import AutoTokenizer
 
-    device = device or pick_device()
+    from .modeling import load_model as load_checked
+
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.to(device)
+    model, _ = load_checked(model_dir, device=device or pick_device())
+    model.config.use_cache = True
     model.eval()
     return model, tokenizer
+
+
+def loss_function(model):
+    """The response loss: the fused form that projects only labelled positions (kernels/) where it
+    computes the same loss for this model, else the plain one over the model's own logits."""
+    from .kernels import linear_cross_entropy
+
+    return linear_cross_entropy.response_loss_sum if linear_cross_entropy.agrees(model) is None else response_loss_sum
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -123,6 +133,7 @@ def eval_loss(model, examples: Examples, *, batch_size: int = 16, use_bf16: bool
     total = 0.0
     count = 0
     rows = 0
+    loss_sum_of = loss_function(model)
     for idx in _batches(order, batch_size):
         width = max(lengths[i] for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -132,7 +143,7 @@ def eval_loss(model, examples: Examples, *, batch_size: int = 16, use_bf16: bool
             ids[b, : len(x)] = x.long()
             labels[b, : len(y)] = y.long()
         with autocast(device, enabled=use_bf16):
-            loss_sum, n = response_loss_sum(model, ids.to(device), labels.to(device))
+            loss_sum, n = loss_sum_of(model, ids.to(device), labels.to(device))
         total += float(loss_sum)
         count += n
         rows += sum(1 for b in range(len(idx)) if bool((labels[b, 1:] != IGNORE_INDEX).any()))

@@ -1,15 +1,10 @@
-"""Response-only causal-LM loss that never builds logits for positions without a label.
+"""The training objective: summed cross-entropy over the response tokens, and how many there were.
 
-For a 135M model the vocabulary projection over 49k tokens is a large share of the compute, and
-most positions in an instruction batch are prompt or padding. Running the backbone, picking the
-hidden states whose *next* token carries a label, and projecting only those gives the same loss as
-``model(labels=...)`` at a fraction of the cost and memory.
-
-The projection and the cross-entropy are fused (``linear_cross_entropy``): logits are made a chunk of
-rows at a time and turned into their gradient (softmax minus one-hot) on the spot, so the full fp32
-logits, their log-softmax and its backward never exist. On a 2-core CPU that was about a tenth of a
-training step and a quarter of a GB per micro-batch. Liger-Kernel does the same on GPUs with Triton;
-this is the plain-PyTorch form, which runs on any device.
+The caller divides by the count of labelled tokens of the whole optimiser step (all micro-batches and
+processes), so gradient accumulation gives the gradient of one large batch; a per-micro-batch mean would
+weight short answers more. This is the plain form: the model's own forward and its own logits, so any
+causal LM computes exactly what it computes in transformers. (instructflow.kernels has a form that
+projects only the labelled positions, fused with the cross-entropy; it is checked against this one.)
 """
 
 from __future__ import annotations
@@ -17,129 +12,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fused
-from .attention import segment_kwargs
 from .examples import IGNORE_INDEX
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under accelerate/DDP and peft wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    return model
+def response_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                      position_ids: torch.Tensor | None = None, **forward_kwargs) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy where ``labels`` is not -100, and the count of such tokens.
 
-
-def _final_logit_transform(config):
-    """Some architectures post-process logits (Gemma's soft-capping, Cohere's scale); keep them exact.
-    None where the architecture does not."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    if cap is None and scale is None:
-        return None
-
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return transform
-
-
-# Rows of logits made at once: 128 x 49k vocabulary x 4 bytes = 25 MB of fp32 scratch.
-CHUNK_ROWS = 128
-
-
-def _row_chunks(rows: int):
-    """Slices of CHUNK_ROWS rows covering ``rows`` rows."""
-    return (slice(start, start + CHUNK_ROWS) for start in range(0, rows, CHUNK_ROWS))
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), with the gradient of the logits made in the forward pass.
-
-    Matmuls run in ``dtype`` (bf16 under autocast, as the unfused linear would); the softmax and loss in
-    fp32. Only the logit gradient is kept for backward, in ``dtype``: half the memory of bf16 logits plus
-    their fp32 copy and fp32 gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype):
-        h = hidden.to(dtype)
-        w = weight.to(dtype)
-        grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for rows in _row_chunks(h.shape[0]):
-            chunk_loss, grad_logits[rows] = fused.cross_entropy_chunk(h[rows] @ w.T, targets[rows])
-            loss += chunk_loss
-        ctx.save_for_backward(h, w, grad_logits)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        h, w, grad_logits = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = grad_weight = None
-        # In place: the weight's gradient is vocabulary-sized (113 MB in fp32 for SmolLM2).
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ w).to(hidden_dtype).mul_(grad_loss)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_logits.T @ h).to(weight_dtype).mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, in the autocast dtype if any."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
-    # Evaluation: the same chunked loss without making (and keeping) the logits' gradient.
-    h, w = hidden.to(dtype), weight.to(dtype)
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for rows in _row_chunks(h.shape[0]):
-        logits, t = (h[rows] @ w.T).float(), targets[rows]
-        loss += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
-    return loss
-
-
-def response_loss_sum(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    seq_lens: list[int] | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over labelled next-token positions, and how many there were.
-
-    The caller divides by the total count of labelled tokens across all micro-batches (and ranks)
-    of an optimiser step, so gradient accumulation gives the same gradient as one large batch.
-    Padding is on the right with label -100, so no attention mask is needed: causal attention
-    never lets a real token see the padding after it. For packed rows, ``seq_lens`` (the row lengths)
-    reach the attention as FlashAttention-varlen row boundaries (see attention.py).
-    """
-    inner = _unwrap(model)
-    backbone = inner.base_model
-    extra = segment_kwargs(seq_lens, input_ids.device) if seq_lens else {}
-    outputs = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
-    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+    Padding is on the right with label -100, so no attention mask is needed: causal attention never lets
+    a real token see the padding after it. Packed rows come as one row whose ``position_ids`` restart at
+    0 per source row (transformers then keeps the rows apart)."""
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **forward_kwargs).logits
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if n == 0:
         # Still touch the graph so DDP sees every parameter used on every rank.
-        return hidden.sum() * 0.0, 0
-    picked = hidden[:, :-1][keep]
-    head = inner.get_output_embeddings()
-    transform = _final_logit_transform(inner.config)
-    # Fused only for a plain bias-free projection (a peft-wrapped head is not) without post-processing.
-    if transform is None and type(head) is torch.nn.Linear and head.bias is None:
-        return linear_cross_entropy(picked, head.weight, targets[keep].long()), n
-    logits = head(picked)
-    if transform is not None:
-        logits = transform(logits)
-    loss = F.cross_entropy(logits.float(), targets[keep].long(), reduction="sum")
+        return logits.sum() * 0.0, 0
+    loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep].long(), reduction="sum")
     return loss, n

@@ -34,7 +34,7 @@ rule train:
     shell:
         "PORT=${{SLURM_JOB_ID:+$(( 20000 + SLURM_JOB_ID % 12000 ))}};"
         # jemalloc where one is found (allocator.py): ~0.4 GiB less peak memory than glibc's malloc.
-        " PRELOAD=$(python -m instructflow.allocator);"
+        " PRELOAD=$(python -m instructflow.kernels.allocator);"
         " LD_PRELOAD=$PRELOAD OMP_NUM_THREADS=$(( {threads} / {params.processes} > 0 ? {threads} / {params.processes} : 1 ))"
         " accelerate launch --config_file $(dirname {input.accelerate_configs[0]})/{params.accelerate_config}.yaml"
         " --num_processes {params.processes} --main_process_port ${{PORT:-{params.port}}}"

@@ -33,6 +33,43 @@ MATMUL_MAX_LENGTH = 256
 GROUP_LENGTH_RATIO = 1.5
 
 
+def forward_kwargs(batch: dict, device) -> dict:
+    """What a packed micro-batch passes to the model's forward for this attention: its row boundaries."""
+    return segment_kwargs(batch["seq_lens"], device) if batch.get("seq_lens") else {}
+
+
+def use_on(model, longest_row: int) -> str | None:
+    """Switch ``model`` to row-by-row attention when it computes, on packed probe rows, what each row alone
+    computes with the model's attention; None when switched, else why not (the model is left as it was)."""
+    from ..modeling import check, probe_rows, rows_alone, rows_packed
+
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "its attention soft-caps scores, which this attention does not"
+    if window is not None and window < longest_row and getattr(config, "use_sliding_window", True):
+        return f"its sliding window ({window} tokens) is shorter than the longest row ({longest_row})"
+    if not model._can_set_attn_implementation():
+        return "its attention layers take no registered attention function"
+    before = config._attn_implementation
+    training = model.training
+    model.eval()
+    try:
+        rows = probe_rows(model)
+        reference = rows_alone(model, rows)
+        model.set_attn_implementation(register())
+        why = check(lambda: rows_packed(model, rows, **segment_kwargs([len(r) for r in rows], rows[0].device)),
+                    reference)
+        if why is not None:
+            model.set_attn_implementation(before)
+        return why
+    except Exception as err:  # noqa: BLE001 - any failure means "keep the model's own attention"
+        model.set_attn_implementation(before)
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    finally:
+        model.train(training)
+
+
 def segment_kwargs(lengths: list[int], device: torch.device | str | None = None) -> dict:
     """The keyword arguments a transformers model forwards to its attention for packed rows of these
     lengths: cumulative row boundaries and the longest row (FlashAttention varlen's names)."""
@@ -138,6 +175,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
     for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("row-by-row attention has no soft-capping or attention sinks")
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

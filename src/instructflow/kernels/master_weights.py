@@ -1,8 +1,8 @@
-"""Full fine-tuning in bf16 on fp32 master weights (`train.precision: bf16`, what `auto` picks where the
-hardware has bf16 and weight decay is set; without it `auto` picks bf16-kahan, kahan.py): the model
+"""Full fine-tuning in bf16 on fp32 master weights (`train.advanced.bf16_mode: masters`, what `auto` picks
+for bf16 with weight decay; without it `auto` picks Kahan-compensated bf16 weights, kahan.py): the model
 itself in bf16, fp32 master copies of its weights in the optimiser (mixed precision as
 Megatron-LM and DeepSpeed do it), rather than autocast over fp32 weights (`bf16-autocast`, what the
-Trainer and TRL do).
+Trainer and TRL do, and the plain path).
 
 Autocast keeps the residual stream, norms and gradients in fp32 and casts every weight to bf16 on every
 micro-batch; a bf16 model moves half the bytes through those elementwise ops and keeps half-size
@@ -19,6 +19,9 @@ higher held-out loss). Only parameters are converted: buffers such as the rotary
 from __future__ import annotations
 
 import torch
+
+from ..precision import BETAS
+from .allocator import trim
 
 
 class MasterWeights:
@@ -57,15 +60,13 @@ class MasterWeights:
     def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0) -> torch.Tensor | None:
         """One optimiser step from the model's gradients (bf16, summed over the micro-batches): clip by
         their global norm, step the masters chunk by chunk, copy them into the model.
-        Clears the model's gradients. Returns the norm before clipping (a tensor: no device sync), or None
-        when not clipping."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        coef, norm = None, None
-        if max_grad_norm and grads:
-            # Norms of the bf16 gradients themselves (accumulated in fp32, each rounded to bf16: a clip
-            # coefficient within 0.4%): asking for fp32 norms converts every gradient first, 0.25 s a step.
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-            coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        Clears the model's gradients. Returns the norm before clipping (a tensor: no device sync)."""
+        from ..precision import grad_norm
+
+        # Norms of the bf16 gradients themselves (accumulated in fp32, each rounded to bf16: a clip
+        # coefficient within 0.4%): asking for fp32 norms converts every gradient first, 0.25 s a step.
+        norm = grad_norm(self.params)
+        coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) if max_grad_norm else None
         for chunk in self.chunks:
             offset, views = 0, []
             for i in chunk:
@@ -112,3 +113,42 @@ class MasterWeights:
             p.data = master.data
             p.grad = None
         self.masters = []
+
+
+class Masters:
+    """The precision strategy (precision.py's interface) of a bf16 model on fp32 master weights."""
+
+    name = "bf16-masters"
+    autocast = False
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float):
+        self.weights = MasterWeights(model)
+        self.optimizer = torch.optim.AdamW(self.weights.masters, lr=lr, weight_decay=weight_decay, betas=BETAS,
+                                           fused=True)
+
+    def step(self, max_grad_norm: float) -> float:
+        return float(self.weights.step(self.optimizer, max_grad_norm))
+
+    def state_dict(self) -> dict:
+        return {"trainable": {n: t.cpu() for n, t in self.weights.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def to_fp32(self) -> None:
+        self.weights.restore_fp32()
+        trim()
+
+
+def bf16_frozen_weights(model: torch.nn.Module) -> None:
+    """LoRA under bf16 autocast: store the frozen weights of adapted linear layers in bf16. Autocast casts
+    them to bf16 for every micro-batch anyway, so the matmuls are the same, with half their memory and no
+    casts. (The exported model merges the adapters into the original fp32 weights: train.merged_lora.)"""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else None
+        if isinstance(base, torch.nn.Linear):
+            base.weight.data = base.weight.data.to(torch.bfloat16)

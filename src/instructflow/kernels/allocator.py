@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import ctypes.util
 import os
 import shutil
 import subprocess
@@ -65,6 +66,15 @@ def preload(env: dict | None = None) -> str:
     if lib is None or any("malloc" in Path(item).name for item in current.replace(":", " ").split()):
         return current
     return f"{current}:{lib}" if current else str(lib)
+
+
+def trim() -> None:
+    """Hand the heap that glibc keeps after training (freed activations, ~1-2 GB) back to the system, so
+    export's fp32 weights and serialisation do not add to it. No-op without glibc."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def in_use() -> str:

@@ -1,5 +1,6 @@
 """Full fine-tuning with bf16 weights and bf16 optimiser state, updates Kahan-compensated
-(`train.precision: bf16-kahan`): the low-memory choice.
+(`train.advanced.bf16_mode: kahan`, what `auto` picks for bf16 full fine-tuning without weight decay):
+the low-memory choice.
 
 Mixed precision (`bf16`, master_weights.py) keeps 16 bytes per parameter: bf16 weights and gradients,
 fp32 masters and two fp32 AdamW moments. Here the optimiser is optimi's AdamW with ``kahan_sum``: the
@@ -11,14 +12,35 @@ export writes weight + compensation in fp32 (starting from zero cost 0.006 held-
 on Code Alpaca; docs/benchmarks.md).
 
 optimi applies weight decay to the bf16 weight directly, where a decay step of lr x weight_decay (about
-1e-6) rounds away, so config validation refuses weight decay with this precision.
+1e-6) rounds away, so config validation refuses weight decay with this mode.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..precision import BETAS, Plain, trainable
 from . import fused
+from .allocator import trim
+
+
+class Kahan(Plain):
+    """The precision strategy (precision.py's interface) of bf16 weights with Kahan-compensated AdamW:
+    Plain's step, checkpoint and resume, over this optimiser."""
+
+    name = "bf16-kahan"
+    autocast = False
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float):
+        self.model = model
+        self.optimizer = optimizer_for(model, lr=lr, betas=BETAS, weight_decay=weight_decay)
+        self.named = trainable(model)
+        self.params = [p for _, p in self.named]
+
+    def to_fp32(self) -> None:
+        # The fp32 weights come from the heap glibc kept after training, not on top of it.
+        trim()
+        restore_fp32(self.model, self.optimizer)
 
 
 def optimizer_for(model: torch.nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float):

@@ -1,0 +1,102 @@
+"""The speed work, behind one door: ``apply(setup, settings, longest_row)``.
+
+A reader of train.py can skip this package. What training computes is the plain path's (loss.py,
+precision.py, modeling.py); what is here computes the same thing faster or in less memory, and each piece is
+checked on the model it is about to serve before it is used:
+
+- attention.py       packed rows run row by row (no block-diagonal mask); checked: packed logits equal
+                     each row's own logits on this model
+- linear_cross_entropy.py  logits only where a label is, fused with the cross-entropy; checked: the same
+                     loss as the plain one on this model
+- kahan.py, master_weights.py  bf16 full fine-tuning: bf16 weights with Kahan-compensated AdamW (without
+                     weight decay) or a bf16 model on fp32 master weights (with it)
+- lean_layers.py     RMSNorm and SwiGLU layers that keep less for backward; checked per module
+- fused.py           elementwise chains compiled by torch.compile (eager with a warning where that fails)
+- allocator.py       jemalloc, preloaded by the launcher (`instructflow train`)
+
+What does not apply to an architecture leaves that part on the plain path, with one warning naming the
+architecture and the reason. ``train.advanced.fast_path: false`` skips this package entirely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from ..modeling import architecture
+
+# Where the fast path fell back, said once per process and reason.
+_warned: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"instructflow: {message}", RuntimeWarning, stacklevel=3)
+
+
+def apply(setup, settings: dict, *, longest_row: int):
+    """A copy of the plain ``setup`` (train.TrainingSetup) with every speed piece that is safe for this model
+    swapped in; ``setup.applied`` says what was."""
+    from . import attention, fused, lean_layers, linear_cross_entropy
+
+    model, advanced = setup.model, settings["advanced"]
+    arch = architecture(model)
+    applied = {**setup.applied, "path": "fast"}
+    fused.enable(advanced["fused_kernels"])
+    changes = {}
+
+    if advanced["packing"]:
+        why = attention.use_on(model, longest_row)
+        if why is None:
+            changes.update(packing=True, forward_kwargs=attention.forward_kwargs)
+            applied.update(attention="row-by-row (instructflow_segments)", packing=True)
+        else:
+            how = "packed" if setup.packing else "padded"
+            _warn(f"row-by-row attention is not used for {arch}: {why}; it trains with {setup.applied['attention']} "
+                  f"attention, {how}")
+
+    why = linear_cross_entropy.agrees(model)
+    if why is None:
+        changes["loss"] = linear_cross_entropy.response_loss_sum
+        applied["loss"] = "fused linear + cross-entropy"
+    else:
+        _warn(f"the fused linear + cross-entropy is not used for {arch}: {why}; it keeps the model's own logits")
+
+    precision = _precision(model, settings, setup.precision)
+    if precision is not None:
+        changes["precision"] = precision
+        applied["precision_mode"] = precision.name
+    autocast = (precision or setup.precision).autocast
+    # Under autocast the projections' dtypes are autocast's business; lean layers are for a model in its own dtype.
+    applied["lean_layers"] = {} if autocast else lean_layers.patch(model)
+    return dataclasses.replace(setup, applied=applied, report=report, **changes)
+
+
+def _precision(model, settings: dict, plain):
+    """The bf16 strategy for this run, or None to keep the plain one (fp32, or bf16 autocast)."""
+    from . import kahan, master_weights
+
+    if not plain.autocast:
+        return None
+    mode = settings["advanced"]["bf16_mode"]
+    lr, decay = settings["learning_rate"], settings["weight_decay"]
+    if settings["method"] == "lora":
+        if mode != "autocast":
+            master_weights.bf16_frozen_weights(model)
+        return None
+    if mode == "auto":
+        mode = "masters" if decay else "kahan"
+    if mode == "kahan":
+        return kahan.Kahan(model, lr=lr, weight_decay=decay)
+    if mode == "masters":
+        return master_weights.Masters(model, lr=lr, weight_decay=decay)
+    return None
+
+
+
+def report() -> dict:
+    """What the fast path did at run time, for the summary: how each fused kernel ran, which allocator."""
+    from . import allocator, fused
+
+    return {"fused_kernels": fused.report(), "allocator": allocator.in_use()}
