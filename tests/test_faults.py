@@ -170,13 +170,14 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(job, tmp_pat
     real_loss = train_module.response_loss_sum
     calls = []
 
-    def loss_that_turns_nan(model, ids, labels, pos, seq_lens):  # one micro-batch per step: call 7 is step 7
+    def loss_that_turns_nan(model, ids, labels, pos, **kwargs):  # one micro-batch per step: call 7 is step 7
         calls.append(1)
-        loss, count = real_loss(model, ids, labels, pos, seq_lens)
+        loss, count = real_loss(model, ids, labels, pos, **kwargs)
         return (loss * float("nan"), count) if len(calls) >= 7 else (loss, count)
 
     monkeypatch.setattr(train_module, "response_loss_sum", loss_that_turns_nan)
-    settings = {**SETTINGS, "max_steps": 10, "checkpoint_every": 5}
+    # The plain path: its loss is the one replaced here.
+    settings = {**SETTINGS, "max_steps": 10, "checkpoint_every": 5, "advanced": {"fast_path": False}}
     code, err = run_main(job, tmp_path, settings, capsys)
     assert code == 1
     assert "loss became nan at step 7" in err and "last good checkpoint" in err and "learning_rate" in err

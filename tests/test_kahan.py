@@ -56,25 +56,29 @@ def test_updates_smaller_than_bf16_resolution_accumulate():
     assert not optimizer.state  # released on the way
 
 
-def test_weight_decay_is_refused_for_bf16_kahan_full_fine_tuning():
-    with pytest.raises(ConfigError, match="weight_decay: must be 0 with precision bf16-kahan"):
-        train_settings({"precision": "bf16-kahan", "weight_decay": 0.01})
-    assert train_settings({"precision": "bf16-kahan"})["weight_decay"] == 0
-    assert train_settings({"precision": "bf16-kahan", "weight_decay": 0.01, "method": "lora"})  # LoRA: autocast
+def test_weight_decay_is_refused_for_kahan_full_fine_tuning():
+    with pytest.raises(ConfigError, match="advanced.bf16_mode: kahan needs weight_decay 0"):
+        train_settings({"advanced": {"bf16_mode": "kahan"}, "weight_decay": 0.01})
+    assert train_settings({"advanced": {"bf16_mode": "kahan"}})["weight_decay"] == 0
+    assert train_settings({"advanced": {"bf16_mode": "kahan"}, "weight_decay": 0.01, "method": "lora"})  # autocast
 
 
-@pytest.mark.parametrize("settings, bf16_ok, expected", [
-    ({}, True, "bf16-kahan"),                                  # full fine-tuning, no weight decay
-    ({"weight_decay": 0.01}, True, "bf16"),                    # decay needs fp32 masters
-    ({"method": "lora"}, True, "bf16"),                        # LoRA: autocast over bf16 frozen weights
-    ({}, False, "fp32"),                                       # no native bf16
-    ({"precision": "bf16"}, True, "bf16"),                     # an explicit choice stands
-    ({"precision": "bf16-kahan"}, False, "bf16-kahan"),
+@pytest.mark.parametrize("setting, native, expected", [
+    ("auto", True, "bf16"), ("auto", False, "fp32"), ("fp32", True, "fp32"), ("bf16", True, "bf16"),
 ])
-def test_auto_precision(settings, bf16_ok, expected):
-    from instructflow.train import resolve_precision
+def test_auto_precision(monkeypatch, setting, native, expected):
+    from instructflow import precision
 
-    assert resolve_precision(train_settings(settings), bf16_ok) == expected
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: native)
+    assert precision.resolve(setting, torch.device("cpu")) == expected
+
+
+def test_bf16_where_it_is_not_native_warns_and_runs_emulated(monkeypatch):
+    from instructflow import precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="not native"):
+        assert precision.resolve("bf16", torch.device("cpu")) == "bf16"
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile needs a C++ compiler")

@@ -1,4 +1,5 @@
-"""Response-only loss equals transformers' own loss, padded or packed, for every supported architecture."""
+"""Response-only loss equals transformers' own loss, padded or packed, for the fixtures' architectures (the
+whole matrix: test_architectures.py); the fast path's fused form equals the plain one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from instructflow.batching import collate
 from instructflow.examples import IGNORE_INDEX, Examples
+from instructflow.kernels import linear_cross_entropy as fast
 from instructflow.loss import response_loss_sum
 
 from conftest import ARCHS, build_model
@@ -87,7 +89,7 @@ def test_loss_through_a_peft_wrapper_and_empty_batches(model):
 def test_fused_linear_cross_entropy_matches_linear_then_cross_entropy(monkeypatch, autocast):
     import torch.nn.functional as F
 
-    from instructflow import loss as loss_module
+    loss_module = fast
 
     # Small chunks so the rows span several of them, the last one partial.
     monkeypatch.setattr(loss_module, "CHUNK_ROWS", 4)
@@ -115,16 +117,18 @@ def test_fused_linear_cross_entropy_matches_linear_then_cross_entropy(monkeypatc
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_fused_loss_is_used_for_a_plain_head_and_not_for_softcapped_logits(model, monkeypatch):
-    from instructflow import loss as loss_module
-
-    calls = []
-    real = loss_module.linear_cross_entropy
-    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
-    batch = collate(_examples(), [0, 1], pack=False)
-    fused, _ = response_loss_sum(model, batch["input_ids"], batch["labels"])
-    assert calls
-    calls.clear()
-    monkeypatch.setattr(model.config, "final_logit_softcapping", 0.5, raising=False)
-    capped, _ = response_loss_sum(model, batch["input_ids"], batch["labels"])
-    assert not calls and not torch.allclose(fused, capped)
+def test_fused_loss_equals_the_plain_loss_and_its_check_catches_a_head_it_would_get_wrong(model):
+    batch = collate(_examples(), [0, 1, 2, 3], pack=False)
+    with torch.no_grad():
+        plain, n = response_loss_sum(model, batch["input_ids"], batch["labels"])
+        fused, n_fused = fast.response_loss_sum(model, batch["input_ids"], batch["labels"])
+    assert n_fused == n
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert fast.agrees(model) is None
+    # The fused loss soft-caps where the config says so; a model whose forward ignores the setting (these
+    # do) then computes another loss, and the check says so instead of letting training change the loss.
+    model.config.final_logit_softcapping = 0.01
+    try:
+        assert "does not reproduce the model's logits" in fast.agrees(model)
+    finally:
+        del model.config.final_logit_softcapping

@@ -18,6 +18,11 @@ VOCAB, EOS, PAD = 64, 0, 1
 KERNELS = (attention.register(), "sdpa")
 
 
+def _forward_kwargs(model, batch) -> dict:
+    """Row boundaries for the row-by-row attention; the stock ones read packed position ids."""
+    return attention.forward_kwargs(batch, "cpu") if model.config._attn_implementation == attention.NAME else {}
+
+
 def _examples(seed: int = 0, shape=((9, 4), (17, 10), (5, 2), (12, 7))) -> Examples:
     gen = torch.Generator().manual_seed(seed)
     rows, plens = [], []
@@ -31,7 +36,8 @@ def _examples(seed: int = 0, shape=((9, 4), (17, 10), (5, 2), (12, 7))) -> Examp
 
 def _loss(model, batch) -> tuple[float, int]:
     with torch.no_grad():
-        loss, n = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_lens"])
+        loss, n = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                                    **_forward_kwargs(model, batch))
     return float(loss), n
 
 
@@ -64,7 +70,8 @@ def test_packed_gradients_match_padded(kernel):
     for pack in (False, True):
         model.zero_grad()
         batch = collate(examples, rows, pack=pack)
-        loss, _ = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_lens"])
+        loss, _ = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                                    **_forward_kwargs(model, batch))
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
