@@ -400,6 +400,9 @@ def test_json_numbers_keep_their_text_when_a_value_is_missing(tmp_path):
     lines = '{"instruction": "a", "output": 5}\n{"instruction": "b"}\n{"instruction": "c", "output": 1e5}\n'
     (tmp_path / "a.jsonl").write_text(lines, encoding="utf-8")
     assert read_table(tmp_path / "a.jsonl")["output"].tolist() == ["5", "", "1e5"]
+    # NaN is how Python's json module writes a missing float; Infinity is kept as written
+    (tmp_path / "c.jsonl").write_text('{"instruction": "a", "output": NaN}\n{"instruction": "b", "output": -Infinity}\n')
+    assert read_table(tmp_path / "c.jsonl")["output"].tolist() == ["", "-Infinity"]
 
 
 def test_json_object_in_a_text_column_keeps_its_numbers(tmp_path):
