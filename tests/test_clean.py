@@ -445,12 +445,13 @@ def test_first_record_with_an_extra_field_is_an_error_like_any_other_record(tmp_
     """pandas took the first column as the index: every row shifted one column and was rejected."""
     p = tmp_path / "first.csv"
     p.write_text("instruction,input,output\nList two colours,,red, blue\nSay hi,,hi\n", encoding="utf-8")
-    with pytest.raises(CleanError, match=r"first\.csv.*record 1 has 4 fields but the header has 3 \(the record starts on line 2\).*"
-                                         r"after column 'output'.*Quote fields"):
+    with pytest.raises(CleanError, match=r"first\.csv.*record 1 has 4 fields but the header has 3 "
+                                         r"\(the record starts on line 2\).*after column 'output'.*Quote fields"):
         read_table(p)
     later = tmp_path / "later.csv"
     later.write_text('instruction,input,output\na,"two\nlines",c\nd,e,f,g\n', encoding="utf-8")
-    with pytest.raises(CleanError, match=r"later\.csv.*record 2 has 4 fields but the header has 3 \(the record starts on line 4\)"):
+    with pytest.raises(CleanError, match=r"later\.csv.*record 2 has 4 fields but the header has 3 "
+                                         r"\(the record starts on line 4\)"):
         read_table(later)
 
 
