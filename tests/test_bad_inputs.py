@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -34,15 +36,20 @@ def clean(tmp_path, name, **options):
 
 def test_committed_corpus_matches_its_generator():
     files = corpus()
-    assert {p.name for p in CORPUS.glob("*.csv")} == set(files)
+    assert {p.name for p in CORPUS.iterdir() if p.is_file() and p.suffix != ".py"} == set(files)
     for name, data in files.items():
-        assert (CORPUS / name).read_bytes() == data, name
+        if name.endswith(".parquet"):  # the bytes name the pyarrow version that wrote them: compare content
+            assert pq.read_table(CORPUS / name).equals(pq.read_table(pa.BufferReader(data))), name
+        else:
+            assert (CORPUS / name).read_bytes() == data, name
 
 
 # Every fatal file: the message names the file, where in it (record and column, or the header) and a fix.
 FATAL = {
     "unbalanced_quote.csv": [r"record 2, column 'input'", r"never closed", r'two quotes \(""\)'],
     "extra_field.csv": [r"record 2 has 4 fields", r"after column 'output'", r"Quote fields"],
+    "extra_field_first.csv": [r"record 1 has 4 fields but the header has 3 \(the record starts on line 2\)",
+                              r"after column 'output'", r"Quote fields that contain the separator ','"],
     "latin1.csv": [r"line 3, record 2, column 'input'", r"iconv -f latin1 -t utf-8"],
     "missing_output_column.csv": [r"cannot find the 'output' column", r"reply_text", r"data\.columns\.output"],
     "empty.csv": [r"file is empty", r"data\.path"],
@@ -100,6 +107,32 @@ def test_recoverable_files(tmp_path):
     assert kept["row"].tolist() == [1]
     assert rejected[["row", "reason", "detail"]].values.tolist() == [
         [2, "too_long", "9011 characters > max_chars 8000"]]
+
+
+def test_files_whose_cells_were_changed_or_lost_on_reading(tmp_path):
+    """Each of these lost or changed what the user wrote before the cells were read as written."""
+    outcomes = {}
+    for name in ["semicolon.csv", "line_separator.jsonl", "ints_nulls.json", "nullable_ints.parquet"]:
+        result = clean(tmp_path / name, name)
+        report = result.report
+        assert report["rows_in"] == report["rows_kept"] + report["rows_rejected"], name
+        outcomes[name] = (result.kept, result.rejected)
+
+    kept, rejected = outcomes["semicolon.csv"]
+    assert kept[["instruction", "input", "output"]].values.tolist() == [
+        ["Say hi", "", "hi"], ["List two colours", "", "red; blue"], ["Write three and a half", "", "3,5"]]
+    assert rejected.empty
+
+    kept, _ = outcomes["line_separator.jsonl"]
+    assert kept[["instruction", "input", "output"]].values.tolist() == [["Join the lines", "one\u2028two", "one two"]]
+
+    kept, rejected = outcomes["ints_nulls.json"]
+    assert kept["output"].tolist() == ["5", "12345678901234567", "1.50"]
+    assert rejected[["row", "reason", "instruction"]].values.tolist() == [[3, "empty_output", "Say nothing"]]
+
+    kept, rejected = outcomes["nullable_ints.parquet"]
+    assert kept[["row", "output"]].values.tolist() == [[1, "5"], [3, "12345678901234567"]]
+    assert rejected[["row", "reason"]].values.tolist() == [[2, "empty_output"]]
 
 
 def test_braces_and_jinja_reach_the_prompt_verbatim(tmp_path, tokenizer):

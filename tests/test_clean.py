@@ -383,3 +383,106 @@ def test_run_clean_writes_outputs(tmp_path):
     assert kept["row"].tolist() == [1] and kept["row"].dtype == "int64"
     assert rej[["row", "reason"]].values.tolist() == [[2, "empty_instruction"]]
     assert not list(tmp_path.glob("out/*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------- cells as written
+
+def test_json_numbers_keep_their_text_when_a_value_is_missing(tmp_path):
+    """One null made pandas read the column as float: 5 came out as "5.0", 12345678901234567 as "1.23e+16"."""
+    text = ('[{"instruction": "a", "output": 5}, {"instruction": "b", "output": null},'
+            ' {"instruction": "c", "output": 12345678901234567}, {"instruction": "d", "output": 1.50},'
+            ' {"instruction": "e", "output": true}, {"instruction": "f", "output": -0}, {"instruction": "g"}]')
+    (tmp_path / "a.json").write_text(text, encoding="utf-8")
+    assert read_table(tmp_path / "a.json")["output"].tolist() == ["5", "", "12345678901234567", "1.50", "true", "-0", ""]
+    columns = '{"instruction": ["a", "b"], "output": [5, null]}'
+    (tmp_path / "b.json").write_text(columns, encoding="utf-8")
+    assert read_table(tmp_path / "b.json")["output"].tolist() == ["5", ""]
+    lines = '{"instruction": "a", "output": 5}\n{"instruction": "b"}\n{"instruction": "c", "output": 1e5}\n'
+    (tmp_path / "a.jsonl").write_text(lines, encoding="utf-8")
+    assert read_table(tmp_path / "a.jsonl")["output"].tolist() == ["5", "", "1e5"]
+    # NaN is how Python's json module writes a missing float; Infinity is kept as written
+    (tmp_path / "c.jsonl").write_text('{"instruction": "a", "output": NaN}\n{"instruction": "b", "output": -Infinity}\n')
+    assert read_table(tmp_path / "c.jsonl")["output"].tolist() == ["", "-Infinity"]
+
+
+def test_json_object_in_a_text_column_keeps_its_numbers(tmp_path):
+    (tmp_path / "a.json").write_text('[{"instruction": "a", "output": {"n": 12345678901234567, "x": [1.0, null]}}]')
+    kept = clean_table(read_table(tmp_path / "a.json"), source="a.json").kept
+    assert json.loads(kept.loc[0, "output"]) == {"n": 12345678901234567, "x": [1.0, None]}
+    assert kept.loc[0, "output"] == '{"n": 12345678901234567, "x": [1.0, null]}'
+
+
+def test_parquet_nullable_ints_and_other_types_without_float(tmp_path):
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({
+        "instruction": ["a", "b", "c"],
+        "output": pa.array([5, None, 12345678901234567], pa.int64()),
+        "f32": pa.array([0.1, None, 2.5], pa.float32()),
+        "flag": pa.array([True, None, False]),
+    }), p)
+    df = read_table(p)
+    assert df["output"].tolist() == ["5", "", "12345678901234567"]
+    assert df["f32"].tolist() == ["0.1", "", "2.5"]
+    assert df["flag"].tolist() == ["true", "", "false"]
+
+
+def test_parquet_written_by_pandas_with_an_index_has_no_extra_column(tmp_path):
+    p = tmp_path / "a.parquet"
+    pd.DataFrame({"instruction": ["a"], "output": ["b"]}, index=[7]).to_parquet(p)
+    assert list(read_table(p).columns) == ["instruction", "output"]
+
+
+def test_jsonl_splits_records_on_newline_only(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes('{"instruction": "one\u2028two\u2029three\x85four", "output": "x"}\r\n'
+                  '{"instruction": "b", "output": "y"}\r\n'.encode("utf-8"))
+    df = read_table(p)
+    assert df["instruction"].tolist() == ["one\u2028two\u2029three\x85four", "b"]
+    assert df["output"].tolist() == ["x", "y"]
+
+
+def test_first_record_with_an_extra_field_is_an_error_like_any_other_record(tmp_path):
+    """pandas took the first column as the index: every row shifted one column and was rejected."""
+    p = tmp_path / "first.csv"
+    p.write_text("instruction,input,output\nList two colours,,red, blue\nSay hi,,hi\n", encoding="utf-8")
+    with pytest.raises(CleanError, match=r"first\.csv.*record 1 has 4 fields but the header has 3 "
+                                         r"\(the record starts on line 2\).*after column 'output'.*Quote fields"):
+        read_table(p)
+    later = tmp_path / "later.csv"
+    later.write_text('instruction,input,output\na,"two\nlines",c\nd,e,f,g\n', encoding="utf-8")
+    with pytest.raises(CleanError, match=r"later\.csv.*record 2 has 4 fields but the header has 3 "
+                                         r"\(the record starts on line 4\)"):
+        read_table(later)
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_csv_delimiter_is_detected_from_the_header(tmp_path, sep):
+    p = tmp_path / "europe.csv"
+    p.write_text(f"instruction{sep}input{sep}output\nSay hi{sep}{sep}hi\nList two{sep}{sep}\"red{sep} blue, green\"\n",
+                 encoding="utf-8")
+    df = read_table(p)
+    assert df[["instruction", "input", "output"]].values.tolist() == [
+        ["Say hi", "", "hi"], ["List two", "", f"red{sep} blue, green"]]
+
+
+def test_comma_csv_with_semicolons_in_the_header_names_stays_comma(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("instruction,input,output;notes\nSay hi,,hi\n", encoding="utf-8")
+    assert list(read_table(p).columns) == ["instruction", "input", "output;notes"]
+
+
+def test_output_indentation_is_kept():
+    code = "    return sorted(xs)\n    # done  \n\n"
+    res = clean_rows([("  Finish the function ", "\n\n    def f(xs):\n", code)])
+    row = res.kept.iloc[0]
+    assert row["output"] == "    return sorted(xs)\n    # done"
+    assert row["input"] == "    def f(xs):"
+    assert row["instruction"] == "Finish the function"
+
+
+def test_split_and_duplicates_ignore_surrounding_whitespace():
+    a = clean_rows([("Q", "", "    x")], eval_fraction=0.5)
+    b = clean_rows([("Q", "", "x")], eval_fraction=0.5)
+    assert a.kept["split"].tolist() == b.kept["split"].tolist()
+    both = clean_rows([("Q", "", "x"), ("Q", "", "  x")])
+    assert both.rejected["detail"].tolist() == ["duplicate of row 1"]

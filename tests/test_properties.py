@@ -46,7 +46,9 @@ def test_clean_accounts_for_every_row(rows, max_chars):
     keys = list(zip(kept["instruction"], kept["input"], kept["output"]))
     assert len(keys) == len(set(keys))  # no duplicate survives
     for text in kept[["instruction", "input", "output"]].to_numpy().ravel():
-        assert text == text.strip() and "\u200b" not in text and unicodedata.is_normalized("NFC", text)
+        assert text == text.rstrip() and "\u200b" not in text and unicodedata.is_normalized("NFC", text)
+        assert text.lstrip(" \t") == text.lstrip()  # leading blank lines go; only indentation may stay
+    assert all(kept["instruction"] == kept["instruction"].str.strip())
     assert all(kept["instruction"] != "") and all(kept["output"] != "")
 
 

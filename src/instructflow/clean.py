@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from instructflow.io import write_json, write_parquet
@@ -90,7 +92,7 @@ def _decode(path: Path, raw: bytes) -> str:
         where = ""
         if path.suffix.lower() in {".csv", ".tsv"}:
             prefix = body[: e.start].decode(enc, errors="replace")
-            where = f", {_csv_position(prefix, _sep(path))}"
+            where = f", {_csv_position(prefix, _detect_sep(prefix, _sep(path)))}"
         raise CleanError(
             f"{path}: not valid {enc.upper()} at byte {e.start} (line {line}{where}): "
             f"{body[e.start:e.start + 1]!r}. The file is probably Latin-1/cp1252 or another legacy encoding; "
@@ -100,6 +102,55 @@ def _decode(path: Path, raw: bytes) -> str:
 
 def _sep(path: Path) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+SEPARATORS = (",", ";", "\t", "|")
+
+
+def _header_fields(text: str, sep: str) -> int:
+    try:
+        return len(next(csv.reader(io.StringIO(text), delimiter=sep), []))
+    except csv.Error:
+        return 0
+
+
+def _detect_sep(text: str, default: str) -> str:
+    """The separator of a delimited file: `default` (from the extension) unless the header is a single
+    field under it and splits into more fields under another of , ; tab | (a spreadsheet saved with
+    semicolons, as much of Europe does, or a .csv that is really tab- or pipe-separated)."""
+    if _header_fields(text, default) != 1:
+        return default
+    best, most = default, 1
+    for sep in SEPARATORS:
+        n = _header_fields(text, sep) if sep != default else 1
+        if n > most:
+            best, most = sep, n
+    return best
+
+
+def _record_line(text: str, sep: str, record: int) -> int | None:
+    """The line (1-based, of the file) that data record `record` (1-based, header not counted, blank
+    lines skipped as pandas does) starts on; None where the csv module cannot get that far."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    seen, previous_end = -1, 0  # the header is record 0
+    try:
+        for fields in reader:
+            if fields:
+                seen += 1
+                if seen == record:
+                    return previous_end + 1
+            previous_end = reader.line_num
+    except csv.Error:
+        return None
+    return None
+
+
+def _extra_field_message(text: str, sep: str, record: int, want: int, got: int) -> str:
+    header = next(csv.reader(io.StringIO(text), delimiter=sep))
+    line = _record_line(text, sep, record)
+    where = f" (the record starts on line {line})" if line else ""
+    return (f"record {record} has {got} fields but the header has {want}{where}: the extra field comes "
+            f"after column {header[-1]!r}. Quote fields that contain the separator {sep!r} (write \"red, blue\")")
 
 
 def _csv_position(text: str, sep: str) -> str:
@@ -112,6 +163,32 @@ def _csv_position(text: str, sep: str) -> str:
     index = max(len(last) - 1, 0)
     column = repr(header[index]) if index < len(header) else f"{index + 1} (past the last header column)"
     return f"record {len(rows) - 1}, column {column}"
+
+
+class _JsonNumber(str):
+    """A JSON number as the text it was written as: 5 stays "5", 1.50 "1.50" and 12345678901234567 never
+    passes through a float (pandas makes a column float64 as soon as one value in it is missing)."""
+
+
+def _json_constant(name: str) -> Any:
+    # NaN is how Python's json module (and pandas' NaN) writes a missing value; Infinity is kept as written.
+    return None if name == "NaN" else _JsonNumber(name)
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text, parse_int=_JsonNumber, parse_float=_JsonNumber, parse_constant=_json_constant)
+
+
+def _json_text(value: Any) -> str:
+    """JSON text of a nested value (an object or a list in a text column), numbers as they were written."""
+    if isinstance(value, _JsonNumber):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {_json_text(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_json_text(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _to_py(value: Any) -> Any:
@@ -132,7 +209,7 @@ def _cell_to_str(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return ""
     if isinstance(value, str):
-        return value
+        return str(value)  # a plain str, also for a _JsonNumber
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
@@ -142,19 +219,29 @@ def _cell_to_str(value: Any) -> Any:
     return str(value)
 
 
+def _frame(names: list, columns: list[list]) -> pd.DataFrame:
+    """A DataFrame of object columns built from Python values as they are: no dtype inference, so a
+    missing value never turns a column of ints into floats. Cells become str (chat lists stay lists)."""
+    if not names:
+        return pd.DataFrame()
+    df = pd.DataFrame({i: pd.Series([_cell_to_str(v) for v in col], dtype=object)
+                       for i, col in enumerate(columns)})
+    df.columns = [str(n) for n in names]
+    return df
+
+
 def _stringify(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.copy()
-    df.columns = [str(c) for c in df.columns]
-    for col in df.columns:
-        df[col] = pd.Series([_cell_to_str(v) for v in df[col].tolist()], index=df.index, dtype=object)
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    return _frame(list(df.columns), [df[c].tolist() for c in df.columns]) if len(df.columns) else df
 
 
 def _records_frame(path: Path, records: list, what: str) -> pd.DataFrame:
+    names: dict = {}
     for i, rec in enumerate(records, start=1):
         if not isinstance(rec, dict):
             raise CleanError(f"{path}: {what} {i} is a {type(rec).__name__}, expected an object with named fields")
-    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+        names.update(dict.fromkeys(rec))
+    return _frame(list(names), [[rec.get(name) for rec in records] for name in names])
 
 
 def _explain_csv_error(msg: str, text: str, sep: str) -> str:
@@ -170,18 +257,61 @@ def _explain_csv_error(msg: str, text: str, sep: str) -> str:
     m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
     if m:
         want, line, got = (int(g) for g in m.groups())
-        header = next(csv.reader(io.StringIO(text), delimiter=sep))
-        return (f"record {line - 1} has {got} fields but the header has {want}: the extra field comes after "
-                f"column {header[-1]!r}. Quote fields that contain the separator {sep!r} ({msg})")
+        return f"{_extra_field_message(text, sep, line - 1, want, got)} ({msg})"
     return msg
+
+
+def _arrow_values(column: pa.ChunkedArray) -> list:
+    """A Parquet column as Python values by its own type: int64 with nulls gives ints (never 5.0), decimals
+    their digits; float32/float16 the shortest text of that width (0.1, not 0.10000000149011612)."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column = column.cast(kind.value_type)
+        kind = column.type
+    if pa.types.is_float32(kind) or pa.types.is_float16(kind):
+        width = np.float32 if pa.types.is_float32(kind) else np.float16
+        return [None if v is None else str(width(v)) for v in column.to_pylist()]
+    return column.to_pylist()
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a broken file
+        raise CleanError(f"{path}: could not read Parquet: {e}") from None
+    # A named pandas index (written by DataFrame.to_parquet) is not a column of the data.
+    index = {c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+    names = [n for n in table.column_names if n not in index]
+    return _frame(names, [_arrow_values(table.column(n)) for n in names])
+
+
+def _read_csv(path: Path, text: str) -> pd.DataFrame:
+    sep = _detect_sep(text, _sep(path))
+    kind = path.suffix[1:].upper()
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False,
+                         engine="c")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise CleanError(f"{path}: could not parse {kind}: {_explain_csv_error(str(e), text, sep)}") from None
+    if not isinstance(df.index, pd.RangeIndex):
+        # pandas reads a first record with more fields than the header as "the first column is the
+        # index", shifting every row one column; a later record like that is a parser error, so both are.
+        want = len(df.columns)
+        raise CleanError(f"{path}: could not parse {kind}: "
+                         f"{_extra_field_message(text, sep, 1, want, want + df.index.nlevels)}")
+    return _stringify(df)
 
 
 def read_table(path) -> pd.DataFrame:
     """Read CSV/TSV, JSON, JSONL/NDJSON or Parquet into a DataFrame whose text cells are all `str`.
 
-    Missing values become "" (never NaN), and literal strings such as "nan", "None" or "NA" are kept as
-    written. Chat columns (lists of turns) keep their list values. Rows are records: for CSV the header
-    is not counted, for JSONL blank lines are not counted.
+    Every cell is read as written: CSV cells as their text (literal strings such as "nan", "None" or
+    "NA" kept); JSON numbers as the text of the number ("5", "1.50", "12345678901234567"), booleans as
+    "true"/"false"; Parquet values by their column's type, never through a float. Missing values (JSON
+    null or an absent key, Parquet null) become "" (never NaN). Chat columns (lists of turns) keep their
+    list values. A .csv whose header is one field under "," but splits under ";", tab or "|" is read
+    with that separator. Rows are records: for CSV the header is not counted, for JSONL blank lines are
+    not counted; JSONL records are split on "\n" only (a U+2028 inside a string is text).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -194,11 +324,7 @@ def read_table(path) -> pd.DataFrame:
         raise CleanError(f"{path}: file not found")
 
     if suffix in {".parquet", ".pq"}:
-        try:
-            df = pq.read_table(path).to_pandas()
-        except Exception as e:  # pyarrow raises several unrelated types for a broken file
-            raise CleanError(f"{path}: could not read Parquet: {e}") from None
-        return _stringify(df)
+        return _read_parquet(path)
 
     raw = path.read_bytes()
     text = _decode(path, raw)
@@ -206,27 +332,15 @@ def read_table(path) -> pd.DataFrame:
         raise CleanError(f"{path}: file is empty (no header, no rows); point data.path at the file with your data")
 
     if suffix in {".csv", ".tsv"}:
-        try:
-            df = pd.read_csv(
-                io.StringIO(text),
-                sep=_sep(path),
-                dtype=str,
-                keep_default_na=False,
-                na_filter=False,
-                engine="c",
-            )
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise CleanError(f"{path}: could not parse {suffix[1:].upper()}: "
-                             f"{_explain_csv_error(str(e), text, _sep(path))}") from None
-        return _stringify(df)
+        return _read_csv(path, text)
 
     if suffix == ".json":
         try:
-            obj = json.loads(text)
+            obj = _json_loads(text)
         except json.JSONDecodeError as e:
             raise CleanError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if isinstance(obj, list):
-            return _stringify(_records_frame(path, obj, "record"))
+            return _records_frame(path, obj, "record")
         if isinstance(obj, dict):
             lists = {k: v for k, v in obj.items() if isinstance(v, list)}
             if len(lists) != len(obj) or not obj:
@@ -234,21 +348,23 @@ def read_table(path) -> pd.DataFrame:
             lengths = {k: len(v) for k, v in lists.items()}
             if len(set(lengths.values())) > 1:
                 raise CleanError(f"{path}: JSON columns have different lengths: {lengths}")
-            return _stringify(pd.DataFrame(lists))
+            return _frame(list(lists), list(lists.values()))
         raise CleanError(f"{path}: JSON must be an array of objects or an object of lists, got {type(obj).__name__}")
 
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" (a "\r" before it is JSON whitespace); str.splitlines would also split inside
+    # strings at U+2028/U+2029, U+0085 or a form feed, which JSON allows unescaped.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = _json_loads(line)
         except json.JSONDecodeError as e:
             raise CleanError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(rec, dict):
             raise CleanError(f"{path}: line {lineno} is a {type(rec).__name__}, expected a JSON object")
         records.append(rec)
-    return _stringify(_records_frame(path, records, "record"))
+    return _records_frame(path, records, "record")
 
 
 # --------------------------------------------------------------------------------------------- columns
@@ -337,7 +453,21 @@ def _repair_mojibake(s: str) -> str:
     return s
 
 
-def _normalise(s: Any) -> tuple[str, bool]:
+_INDENT = re.compile(r"[ \t]*\Z")
+
+
+def _trim(s: str, keep_indent: bool) -> str:
+    """Trailing whitespace and leading blank lines off; the first line's indentation (spaces and tabs)
+    stays where `keep_indent` (inputs, outputs and assistant turns: code whose answer starts indented
+    means something else without it), else all leading whitespace goes. Whitespace is str.isspace."""
+    s = s.rstrip()
+    body = s.lstrip()
+    if not keep_indent:
+        return body
+    return _INDENT.search(s[: len(s) - len(body)]).group() + body
+
+
+def _normalise(s: Any, keep_indent: bool = False) -> tuple[str, bool]:
     """Returns (normalised text, whether mojibake was repaired)."""
     if not isinstance(s, str):
         s = "" if s is None else str(s)
@@ -346,15 +476,15 @@ def _normalise(s: Any) -> tuple[str, bool]:
     fixed = _repair_mojibake(s)
     repaired = fixed != s
     s = unicodedata.normalize("NFC", fixed)
-    return s.strip(), repaired
+    return _trim(s, keep_indent), repaired
 
 
 def _raw_str(v: Any) -> str:
     if isinstance(v, str):
-        return v
+        return str(v)
     if v is None:
         return ""
-    return json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else str(v)
+    return _json_text(v) if isinstance(v, (list, dict)) else str(v)
 
 
 def _split_of(instruction: str, input_: str, output: str, eval_fraction: float) -> str:
@@ -368,7 +498,7 @@ def _parse_chat(value: Any) -> tuple[list[dict] | None, str, int]:
         if not value.strip():
             return None, "no turns", 0
         try:
-            value = json.loads(value)
+            value = _json_loads(value)
         except json.JSONDecodeError as e:
             return None, f"messages is not valid JSON: {e.msg}", 0
     if not isinstance(value, list) or not value:
@@ -383,7 +513,7 @@ def _parse_chat(value: Any) -> tuple[list[dict] | None, str, int]:
             return None, f"turn {i} lacks role/content (or from/value)", 0
         role_n = str(role).strip().lower()
         role_n = ROLE_MAP.get(role_n, role_n)
-        text, fixed = _normalise(content if isinstance(content, str) else _raw_str(content))
+        text, fixed = _normalise(_raw_str(content), keep_indent=role_n == "assistant")
         repairs += fixed
         turns.append({"role": role_n, "content": text})
     last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
@@ -444,19 +574,20 @@ def clean_table(
             raw.update(instruction=instruction, output=output)
             messages = json.dumps(turns, ensure_ascii=False)
             length = sum(len(t["content"]) for t in turns)  # the whole conversation is trained on
-            key: tuple = ("chat", messages)
+            key: tuple = ("chat", tuple((t["role"], t["content"].strip()) for t in turns))
         else:
             values = {}
             for k in CANONICAL:
-                values[k], fixed = _normalise(raw[k])
+                values[k], fixed = _normalise(raw[k], keep_indent=k != "instruction")
                 mojibake_repaired += fixed
             instruction, input_, output = values["instruction"], values["input"], values["output"]
-            if input_ and input_.lower() in placeholder_set:
+            if input_ and input_.strip().lower() in placeholder_set:
                 input_ = ""
                 placeholders_emptied += 1
             messages = ""
             length = len(instruction) + len(input_) + len(output)
-            key = ("alpaca", instruction, input_, output)
+            # Duplicates and the split compare content without the indentation kept above.
+            key = ("alpaca", instruction, input_.strip(), output.strip())
 
         if not instruction:
             reject("empty_instruction", "no user turn before the last assistant turn" if chat else "")
@@ -473,7 +604,7 @@ def clean_table(
         first_seen[key] = i
         kept.append({
             "row": i, "instruction": instruction, "input": input_, "output": output, "messages": messages,
-            "split": _split_of(instruction, input_, output, eval_fraction),
+            "split": _split_of(instruction, input_.strip(), output.strip(), eval_fraction),
         })
 
     kept_df = pd.DataFrame(kept, columns=KEPT_COLUMNS)

@@ -8,8 +8,12 @@ committed files still match it.
 from __future__ import annotations
 
 import codecs
+import json
 import unicodedata
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 HEADER = "instruction,input,output\n"
@@ -21,6 +25,19 @@ def corpus() -> dict[str, bytes]:
         "unbalanced_quote.csv": HEADER + 'Say hi,,hi\nCopy this,"the text,copied\nAdd 1 and 1,,2\n',
         # Record 2 has an unquoted comma, so one field too many.
         "extra_field.csv": HEADER + "Say hi,,hi\nList two colours,,red, blue\n",
+        # The same in record 1: pandas took the first column as the index and shifted every row.
+        "extra_field_first.csv": HEADER + "List two colours,,red, blue\nSay hi,,hi\n",
+        # A spreadsheet saved with semicolons (much of Europe): the separator is read from the header.
+        "semicolon.csv": "instruction;input;output\nSay hi;;hi\nList two colours;;\"red; blue\"\n"
+                         "Write three and a half;;3,5\n",
+        # U+2028 (LINE SEPARATOR) is valid unescaped inside a JSON string; str.splitlines split on it.
+        "line_separator.jsonl": json.dumps({"instruction": "Join the lines", "input": "one\u2028two",
+                                            "output": "one two"}, ensure_ascii=False) + "\n",
+        # Numbers with a null in their column: pandas made them floats ("5.0", "1.2345678901234568e+16").
+        "ints_nulls.json": '[{"instruction": "Count to five", "input": null, "output": 5},\n'
+                           ' {"instruction": "Write a big number", "input": null, "output": 12345678901234567},\n'
+                           ' {"instruction": "Say nothing", "input": null, "output": null},\n'
+                           ' {"instruction": "Give the price", "input": null, "output": 1.50}]\n',
         # No column the clean stage can take as the output.
         "missing_output_column.csv": "instruction,input,reply_text\nSay hi,,hi\n",
         "empty.csv": "",
@@ -50,6 +67,13 @@ def corpus() -> dict[str, bytes]:
     files["utf16_bom.csv"] = codecs.BOM_UTF16_LE + (HEADER + row).encode("utf-16-le")
     # UTF-8 bytes read as cp1252 and saved again as UTF-8: "cafÃ©".
     files["mojibake.csv"] = (HEADER + row.encode("utf-8").decode("cp1252")).encode("utf-8")
+    # An int64 column with a null: to_pandas() made it float64, so 5 came out as "5.0".
+    table = pa.table({"instruction": ["Count to five", "Say nothing", "Write a big number"],
+                      "input": pa.array([None, None, None], pa.string()),
+                      "output": pa.array([5, None, 12345678901234567], pa.int64())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    files["nullable_ints.parquet"] = sink.getvalue().to_pybytes()
     return files
 
 
