@@ -47,7 +47,8 @@ def test_defaults_fill_runs_and_templates(workdir):
     assert runs["a"]["train"]["learning_rate"] == config["train"]["learning_rate"]
     assert runs["b"]["train"]["learning_rate"] == 0.001
     assert runs["b"]["train"]["max_steps"] == config["train"]["max_steps"]
-    assert Path(runs["b"]["template_path"]) == REPO / "resources" / "templates" / "alpaca_pl.yaml"
+    assert Path(runs["b"]["template_path"]) == (
+        REPO / "src" / "instructflow" / "prompt_templates" / "alpaca_pl.yaml")
     assert runs["a"]["model_key"] == "smollm2-135m-instruct.q4_1"
 
 
@@ -146,3 +147,13 @@ def test_a_run_model_that_cannot_load_names_the_run(workdir):
         _load(workdir, runs={"x": {"model": {"base": "empty"}}})
     with pytest.raises(ConfigError, match="config key model.base: .*not installed"):
         _load(workdir, model={"base": "pkg://no_such_package_here/m.gguf"})
+
+
+def test_bundled_templates_by_name():
+    from instructflow.templates import TemplateError, bundled_names, bundled_path, load_template
+
+    assert bundled_names() == ["alpaca", "alpaca_pl", "chat"]
+    assert load_template("alpaca") == load_template(bundled_path("alpaca"))
+    assert bundled_path("chat").parent.name == "prompt_templates"
+    with pytest.raises(TemplateError, match=r"unknown template 'alpacca' \(bundled: alpaca, alpaca_pl, chat"):
+        load_template("alpacca")
