@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from instructflow.config import ConfigError, load, resolve_runs, template_key, validate
+from instructflow.config import ConfigError, load, resolve_runs, template_key, train_settings, validate
 
 from conftest import REPO
 
@@ -147,6 +147,31 @@ def test_a_run_model_that_cannot_load_names_the_run(workdir):
         _load(workdir, runs={"x": {"model": {"base": "empty"}}})
     with pytest.raises(ConfigError, match="config key model.base: .*not installed"):
         _load(workdir, model={"base": "pkg://no_such_package_here/m.gguf"})
+
+
+def test_stage_defaults_are_the_schemas():
+    """The schema is the one source of defaults: every keyword default a stage gives a config key is
+    the schema's (they read it from there; this fails if one is ever written again by hand)."""
+    import inspect
+
+    from instructflow import clean, config, evaluate, tokenization
+
+    stages = {
+        "data": [clean.clean_table],
+        "tokenize": [tokenization.tokenize_prompts, tokenization.run_tokenize],
+        "evaluate": [evaluate.evaluate_model, evaluate.generate, evaluate.eval_loss],
+    }
+    schema = config.load_schema()
+    for section, functions in stages.items():
+        expected = config.defaults(section)
+        assert expected == {k: v["default"] for k, v in schema["properties"][section]["properties"].items()}
+        for function in functions:
+            given = {name: p.default for name, p in inspect.signature(function).parameters.items()
+                     if name in expected and p.default not in (inspect.Parameter.empty, None)}  # None: unset
+            assert given, function
+            assert given == {name: expected[name] for name in given}, (section, function.__qualname__)
+    assert config.defaults("train") == train_settings({})
+    assert config.defaults("train")["lora"]["r"] == 16
 
 
 def test_bundled_templates_by_name():
