@@ -16,7 +16,6 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import yaml

@@ -228,7 +228,7 @@ def _scalar_items(obj: dict) -> list[list[Any]]:
     return [[k, v] for k, v in obj.items() if not isinstance(v, (dict, list))]
 
 
-def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit, train_summary, loss_png, out_md):
+def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit, train_summary, loss_png):
     blocks: list[tuple] = [("h", 1, f"Instruction-tuning report: {run}")]
 
     blocks.append(("h", 2, "Evaluation: base vs tuned"))
@@ -367,7 +367,6 @@ def build_report(
         audit=audit,
         train_summary=train_summary,
         loss_png=loss_png,
-        out_md=out_md,
     )
     write_text(out_md, _render_md(blocks, out_md))
     write_text(out_html, _render_html(blocks, run))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import yaml
 
-FIELDS = ("instruction", "input", "output")
 _PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
 
 
