@@ -13,10 +13,10 @@ from instructflow.demo_data import WORDS, generate, write_csv
 from instructflow.examples import Examples
 from instructflow.io import read_json, read_parquet
 from instructflow.render import run_render
+from instructflow.templates import bundled_path
 from instructflow.tokenization import run_tokenize
 
-REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = REPO / "resources" / "templates" / "alpaca.yaml"
+TEMPLATE = bundled_path("alpaca")
 MAX_LENGTH = 512
 
 

@@ -27,7 +27,9 @@ CHAT_TEMPLATE = (
 
 def _corpus() -> list[str]:
     """Text the BPE merges are learnt from; byte-level BPE still encodes any other text (byte fallback)."""
-    templates = [p.read_text(encoding="utf-8") for p in (REPO / "resources" / "templates").glob("*.yaml")]
+    from instructflow.templates import bundled_names, bundled_path
+
+    templates = [bundled_path(name).read_text(encoding="utf-8") for name in bundled_names()]
     table = pd.read_csv(TEST_DATA, keep_default_na=False)
     return templates + [" ".join(row) for row in table.astype(str).itertuples(index=False)]
 
@@ -105,4 +107,4 @@ def alpaca_prompts(clean_rows) -> pd.DataFrame:
     from instructflow.render import render_prompts
     from instructflow.templates import load_template
 
-    return render_prompts(clean_rows, load_template(REPO / "resources" / "templates" / "alpaca.yaml"))
+    return render_prompts(clean_rows, load_template("alpaca"))

@@ -18,12 +18,12 @@ import yaml
 from instructflow import config as ifconfig
 from instructflow.clean import CleanError, run_clean
 from instructflow.render import render_prompts
-from instructflow.templates import load_template
+from instructflow.templates import bundled_path, load_template
 from instructflow.tokenization import AuditError, run_tokenize, tokenize_prompts
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = REPO / "resources" / "templates" / "alpaca.yaml"
+ALPACA = bundled_path("alpaca")
 
 sys.path.insert(0, str(CORPUS))
 from make_corpus import corpus  # noqa: E402
@@ -141,7 +141,7 @@ def test_braces_and_jinja_reach_the_prompt_verbatim(tmp_path, tokenizer):
     assert row["instruction"] == "Explain {instruction} in a template"
     assert row["input"] == "{{ input }} and {% if x %}y{% endif %}"
     file_prompts = render_prompts(kept, load_template(ALPACA))
-    chat_prompts = render_prompts(kept, load_template(REPO / "resources" / "templates" / "chat.yaml"), tokenizer)
+    chat_prompts = render_prompts(kept, load_template("chat"), tokenizer)
     for prompts in (file_prompts, chat_prompts):
         assert row["instruction"] in prompts["prompt"][0] and row["input"] in prompts["prompt"][0]
         assert prompts["response"][0] == "It is replaced by {output}, {0} and {}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from instructflow.config import ConfigError, load, resolve_runs, template_key, validate
+from instructflow.config import ConfigError, load, resolve_runs, template_key, train_settings, validate
 
 from conftest import REPO
 
@@ -47,7 +47,8 @@ def test_defaults_fill_runs_and_templates(workdir):
     assert runs["a"]["train"]["learning_rate"] == config["train"]["learning_rate"]
     assert runs["b"]["train"]["learning_rate"] == 0.001
     assert runs["b"]["train"]["max_steps"] == config["train"]["max_steps"]
-    assert Path(runs["b"]["template_path"]) == REPO / "resources" / "templates" / "alpaca_pl.yaml"
+    assert Path(runs["b"]["template_path"]) == (
+        REPO / "src" / "instructflow" / "prompt_templates" / "alpaca_pl.yaml")
     assert runs["a"]["model_key"] == "smollm2-135m-instruct.q4_1"
 
 
@@ -146,3 +147,38 @@ def test_a_run_model_that_cannot_load_names_the_run(workdir):
         _load(workdir, runs={"x": {"model": {"base": "empty"}}})
     with pytest.raises(ConfigError, match="config key model.base: .*not installed"):
         _load(workdir, model={"base": "pkg://no_such_package_here/m.gguf"})
+
+
+def test_stage_defaults_are_the_schemas():
+    """The schema is the one source of defaults: every keyword default a stage gives a config key is
+    the schema's (they read it from there; this fails if one is ever written again by hand)."""
+    import inspect
+
+    from instructflow import clean, config, evaluate, tokenization
+
+    stages = {
+        "data": [clean.clean_table],
+        "tokenize": [tokenization.tokenize_prompts, tokenization.run_tokenize],
+        "evaluate": [evaluate.evaluate_model, evaluate.generate, evaluate.eval_loss],
+    }
+    schema = config.load_schema()
+    for section, functions in stages.items():
+        expected = config.defaults(section)
+        assert expected == {k: v["default"] for k, v in schema["properties"][section]["properties"].items()}
+        for function in functions:
+            given = {name: p.default for name, p in inspect.signature(function).parameters.items()
+                     if name in expected and p.default not in (inspect.Parameter.empty, None)}  # None: unset
+            assert given, function
+            assert given == {name: expected[name] for name in given}, (section, function.__qualname__)
+    assert config.defaults("train") == train_settings({})
+    assert config.defaults("train")["lora"]["r"] == 16
+
+
+def test_bundled_templates_by_name():
+    from instructflow.templates import TemplateError, bundled_names, bundled_path, load_template
+
+    assert bundled_names() == ["alpaca", "alpaca_pl", "chat"]
+    assert load_template("alpaca") == load_template(bundled_path("alpaca"))
+    assert bundled_path("chat").parent.name == "prompt_templates"
+    with pytest.raises(TemplateError, match=r"unknown template 'alpacca' \(bundled: alpaca, alpaca_pl, chat"):
+        load_template("alpacca")

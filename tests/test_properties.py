@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import unicodedata
-from pathlib import Path
 
 import pandas as pd
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +15,7 @@ from instructflow.render import render_prompts
 from instructflow.templates import load_template
 from instructflow.tokenization import tokenize_prompts
 
-ALPACA = load_template(Path(__file__).resolve().parents[1] / "resources" / "templates" / "alpaca.yaml")
+ALPACA = load_template("alpaca")
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Cells drawn from the troublemakers (placeholders, NaN-likes, template syntax, invisible characters,

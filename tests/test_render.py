@@ -8,7 +8,7 @@ from instructflow.templates import load_template, render_row
 
 from conftest import REPO
 
-TEMPLATES = REPO / "resources" / "templates"
+TEMPLATES = REPO / "src" / "instructflow" / "prompt_templates"
 
 
 def test_render_prompts_keeps_rows_splits_and_order(clean_rows, alpaca_prompts):

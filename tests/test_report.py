@@ -43,13 +43,10 @@ class _Checker(HTMLParser):
         self.text.append(data)
 
 
-def _write_metrics(path, n_train=10, n_eval=3):
-    rows = []
-    for s in range(1, n_train + 1):
-        rows.append({"step": s, "loss": 3.0 / s, "lr": 1e-4, "tokens": 100 * s, "trained_tokens": 80 * s,
-                     "elapsed_s": 0.5 * s})
-        if n_eval and s % (n_train // n_eval) == 0 and len([r for r in rows if "eval_loss" in r]) < n_eval:
-            rows.append({"step": s, "eval_loss": 2.5 / s, "trained_tokens": 80 * s})
+def _write_metrics(path, n_train=10):
+    """Records as train.py writes them into metrics.jsonl."""
+    rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-4, "tokens": 100 * s, "trained_tokens": 80 * s, "elapsed_s": 0.5 * s}
+            for s in range(1, n_train + 1)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -58,7 +55,7 @@ def test_plot_loss_png_and_points(tmp_path):
     counts = plot_loss(tmp_path / "metrics.jsonl", tmp_path / "sub" / "loss.png")
     data = (tmp_path / "sub" / "loss.png").read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
-    assert counts == {"train_vs_step": 10, "train_vs_tokens": 10, "eval_vs_step": 3, "eval_vs_tokens": 3}
+    assert counts == {"train_vs_step": 10, "train_vs_tokens": 10}
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name != "loss.png"]  # no temp file left
 
 
@@ -133,7 +130,7 @@ def test_build_report(inputs):
                  "| peak_rss_mb | 2048.5000 |", "| rows_in | 1000 |", "| rows_rejected | 70 |",
                  "| empty_response | 40 |", "| too_long | 5 |", "| truncated_rows | 3 |",
                  "| eos_appended | true |", "What is 2+2? \\| quick<br>please", "![training loss curve](../plots/loss.png)",
-                 "last train loss 0.3000", "last eval loss"):
+                 "Logged 10 training points; last train loss 0.3000."):
         assert text in md, text
     assert "lengths" not in md  # only scalar audit keys
 

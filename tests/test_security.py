@@ -12,6 +12,7 @@ import yaml
 
 from instructflow import config as ifconfig
 from instructflow.prepare_model import prepare_model
+from instructflow.templates import bundled_path
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = sorted((REPO / "src" / "instructflow").glob("*.py")) + sorted((REPO / "workflow").rglob("*.smk")) + [
@@ -82,7 +83,7 @@ def test_run_names_cannot_be_paths(tmp_path, run):
 
 def test_template_file_name_cannot_climb_out_of_results(tmp_path):
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "..yaml").write_text((REPO / "resources" / "templates" / "alpaca.yaml").read_text())
+    (tmp_path / "t" / "..yaml").write_text(bundled_path("alpaca").read_text())
     with pytest.raises(ifconfig.ConfigError, match=r"^config key template: gives the folder name '\.'"):
         load(tmp_path, template="t/..yaml")
 

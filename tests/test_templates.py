@@ -10,7 +10,7 @@ from instructflow.templates import TemplateError, load_template, render_prompt, 
 
 from conftest import REPO, build_tokenizer
 
-TEMPLATES = REPO / "resources" / "templates"
+TEMPLATES = REPO / "src" / "instructflow" / "prompt_templates"
 ALPACA = load_template(TEMPLATES / "alpaca.yaml")
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from instructflow.io import read_jsonl
+from instructflow.templates import bundled_path
 from instructflow.tokenization import tokenize_prompts
 from instructflow.train import train
 
-from conftest import REPO, build_tokenizer
+from conftest import build_tokenizer
 
 METRIC_KEYS = {"step", "loss", "lr", "tokens", "trained_tokens", "elapsed_s"}
 BASE = {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1,
@@ -48,7 +49,7 @@ def test_full_training_writes_metrics_and_a_loadable_model(tmp_path, tiny_model_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = tiny_model_dir("llama")
-    template = REPO / "resources" / "templates" / "alpaca.yaml"
+    template = bundled_path("alpaca")
     run, summary = _train(tmp_path, model_dir, train_tokens, template_path=str(template))
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -26,15 +26,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from instructflow.config import defaults
 from instructflow.io import write_json, write_parquet
 
 CANONICAL = ("instruction", "input", "output")
 CHAT_COLUMNS = ("messages", "conversations")
 
+# The keyword defaults of clean_table: the schema's data.* defaults, written only there.
+DEFAULTS = defaults("data")
 # Only the `input` column is checked against these: Alpaca-style data uses them to mean "no input",
 # but an instruction or an output of "None" or "-" can be a real answer (e.g. "what does print(None)
 # show?"), so emptying those would corrupt data.
-DEFAULT_PLACEHOLDERS = ["<noinput>", "<no input>", "no input", "n/a", "none", "null", "nan", "-"]
+DEFAULT_PLACEHOLDERS = DEFAULTS["placeholders"]
 
 # Candidate source column names, in order of preference, matched case-insensitively.
 AUTO_COLUMNS = {
@@ -42,8 +45,6 @@ AUTO_COLUMNS = {
     "input": ["input", "context"],  # "context" is Dolly's name for it
     "output": ["output", "response", "answer", "completion"],
 }
-
-REASONS = ("empty_instruction", "empty_output", "duplicate", "too_long", "bad_chat")
 
 KEPT_COLUMNS = ["row", "instruction", "input", "output", "messages", "split"]
 REJECTED_COLUMNS = ["row", "reason", "detail", "instruction", "input", "output", "messages"]
@@ -530,8 +531,8 @@ def clean_table(
     source: str,
     columns: dict | None = None,
     placeholders: list[str] = DEFAULT_PLACEHOLDERS,
-    max_chars: int = 8000,
-    eval_fraction: float = 0.1,
+    max_chars: int = DEFAULTS["max_chars"],
+    eval_fraction: float = DEFAULTS["eval_fraction"],
 ) -> CleanResult:
     """Normalise, reject and split the rows of `df` (as returned by :func:`read_table`).
 

@@ -1,25 +1,29 @@
-"""Configuration: validated against config/schema.yaml with defaults filled in, and resolved into one
-settings dict per run. Lives in the library (not the Snakefile) so it is unit-tested on its own and
-every mistake stops the run before any work starts, with a message that names the key.
+"""Configuration: validated against the schema (``schema.yaml``, shipped inside the package) with
+defaults filled in, and resolved into one settings dict per run. Lives in the library (not the
+Snakefile) so it is unit-tested on its own and every mistake stops the run before any work starts,
+with a message that names the key.
+
+The schema is the one source of defaults: the stages' keyword defaults are read from it
+(:func:`defaults`), so a value lives in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import re
+from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import yaml
 
-from .prepare_model import ModelSpecError, model_key, resolve_source
+from .templates import TemplateError, bundled_path, is_bundled_name
 
-REPO = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO / "config" / "schema.yaml"
-TEMPLATES_DIR = REPO / "resources" / "templates"
+# Read with importlib.resources, so a wheel install finds it as a clone does.
+SCHEMA_PATH = resources.files(__package__) / "schema.yaml"
 
 # The Hugging Face TrainingArguments keys the 2023 script read from its args file, and ours.
 TRAINING_ARGUMENTS_MAP = {
@@ -55,8 +59,20 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+@functools.cache
+def _schema_text() -> str:
+    return SCHEMA_PATH.read_text(encoding="utf-8")
+
+
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.safe_load(_schema_text())
+
+
+def defaults(section: str) -> dict:
+    """The schema's defaults of one config section (``data``, ``tokenize``, ``evaluate``, ``train``), as
+    an empty config gets them (nested ones filled in). The stages take their keyword defaults from
+    here, so the schema stays the one place a default is written."""
+    return validate({})[section]
 
 
 def _key(path) -> str:
@@ -86,13 +102,11 @@ def validate(config: dict, schema: dict | None = None) -> dict:
 
 
 def template_path(template: str, workdir: Path = Path(".")) -> Path:
-    bundled = TEMPLATES_DIR / f"{template}.yaml"
-    if "/" not in template and not template.endswith((".yaml", ".yml")):
-        if not bundled.is_file():
-            names = sorted(p.stem for p in TEMPLATES_DIR.glob("*.yaml"))
-            raise ConfigError(f"config key template: unknown template {template!r} (bundled: {', '.join(names)}; "
-                              "or give a path to a YAML file)")
-        return bundled
+    if is_bundled_name(template):
+        try:
+            return bundled_path(template)
+        except TemplateError as err:
+            raise ConfigError(f"config key template: {err}") from None
     path = workdir / template
     if not path.is_file():
         raise ConfigError(f"config key template: file {template!r} not found")
@@ -107,6 +121,7 @@ def _training_arguments(path: str, workdir: Path) -> dict:
         raise ConfigError(f"config key train.args_file: cannot read {path!r}: {err}") from err
     settings = {ours: args[theirs] for theirs, ours in TRAINING_ARGUMENTS_MAP.items() if theirs in args}
     if "gradient_accumulation_steps" in args:
+        # 8: TrainingArguments' own default for per_device_train_batch_size (not one of ours)
         settings["batch_size"] = args.get("per_device_train_batch_size", 8) * args["gradient_accumulation_steps"]
     elif "per_device_train_batch_size" in args:
         settings["batch_size"] = args["per_device_train_batch_size"]
@@ -142,6 +157,8 @@ def train_settings(settings: dict) -> dict:
 
 def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
     """Run name -> {"model": {...}, "model_key", "template", "template_path", "train": {...}}."""
+    from .prepare_model import model_key  # imports torch: only where runs are resolved, not for defaults()
+
     runs = {}
     for name, override in config["runs"].items():
         run = _merge({"model": config["model"], "template": config["template"], "train": {}}, override or {})
@@ -186,6 +203,8 @@ def check_folder_name(key: str, name: str) -> None:
 def check_model(spec: str, key: str, workdir: Path) -> None:
     """Stop before any work on a model spec that cannot load: a missing package, file or folder, or a
     folder without a readable config.json. A Hub id is only checked when prepare_model fetches it."""
+    from .prepare_model import ModelSpecError, resolve_source
+
     with contextlib.chdir(workdir):
         try:
             source = resolve_source(spec)
@@ -203,7 +222,7 @@ def check_model(spec: str, key: str, workdir: Path) -> None:
 
 def template_key(template: str) -> str:
     """The {template} wildcard: a bundled name, or a user file's stem."""
-    return Path(template).stem if "/" in template or template.endswith((".yaml", ".yml")) else template
+    return template if is_bundled_name(template) else Path(template).stem
 
 
 def check_inputs(config: dict, workdir: Path = Path(".")) -> None:

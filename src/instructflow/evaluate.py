@@ -15,11 +15,15 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import torch
 
+from .config import defaults
 from .device import autocast, bf16_supported, pick_device
 from .examples import IGNORE_INDEX, Examples
 from .io import read_json, read_parquet, write_json, write_parquet
 from .loss import response_loss_sum
 from .report import md_table, write_text
+
+# The keyword defaults here are the schema's evaluate.* defaults, written only there.
+DEFAULTS = defaults("evaluate")
 
 METRIC_KEYS = (
     "eval_loss",
@@ -123,7 +127,8 @@ def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
 
 
 @torch.inference_mode()
-def eval_loss(model, examples: Examples, *, batch_size: int = 16, use_bf16: bool = False) -> dict[str, Any]:
+def eval_loss(model, examples: Examples, *, batch_size: int = DEFAULTS["batch_size"],
+              use_bf16: bool = False) -> dict[str, Any]:
     """Mean CE over every labelled (response + EOS) token of ``examples``: right-padded,
     length-sorted batches, summed per batch and divided by the total count once at the end."""
     device = next(model.parameters()).device
@@ -173,8 +178,8 @@ def generate(
     *,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: int = DEFAULTS["max_new_tokens"],
+    batch_size: int = DEFAULTS["batch_size"],
     use_bf16: bool = False,
 ) -> tuple[list[list[int]], float]:
     """Greedy continuations of ``prompts`` (1-D token tensors), in input order.
@@ -255,9 +260,9 @@ def evaluate_model(
     examples_path: str | os.PathLike,
     prompts_path: str | os.PathLike,
     *,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    max_samples: int | None = 200,
+    max_new_tokens: int = DEFAULTS["max_new_tokens"],
+    batch_size: int = DEFAULTS["batch_size"],
+    max_samples: int | None = DEFAULTS["max_samples"],
     dtype: str = "auto",
 ) -> tuple[dict, pd.DataFrame]:
     """Loss/perplexity over all eval examples and greedy-generation scores over the first

@@ -173,18 +173,13 @@ def _num(value) -> float | None:
 
 
 def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> dict[str, int]:
-    """Training loss against optimiser step (left) and against trained tokens (right), with any
-    ``eval_loss`` rows as markers. Returns how many points each plotted series holds."""
+    """Training loss (train.py's metrics.jsonl) against optimiser step (left) and against trained
+    tokens (right). Returns how many points each plotted series holds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = read_jsonl(metrics_jsonl) if Path(metrics_jsonl).exists() else []
     train = [r for r in rows if _num(r.get("loss")) is not None and _num(r.get("step")) is not None]
-    evals = [r for r in rows if _num(r.get("eval_loss")) is not None]
-
-    def tokens_of(r):
-        t = _num(r.get("trained_tokens"))
-        return t if t is not None else _num(r.get("tokens"))
 
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -196,16 +191,10 @@ def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> d
         lines["train_vs_step"] = ax_step.plot(
             [float(r["step"]) for r in train], [float(r["loss"]) for r in train], label="train loss", lw=1.2
         )[0]
-        tok = [(tokens_of(r), float(r["loss"])) for r in train if tokens_of(r) is not None]
+        tok = [(_num(r.get("trained_tokens")), float(r["loss"])) for r in train
+               if _num(r.get("trained_tokens")) is not None]
         if tok:
             lines["train_vs_tokens"] = ax_tok.plot(*zip(*tok), label="train loss", lw=1.2)[0]
-    if evals:
-        ev_step = [(float(r["step"]), float(r["eval_loss"])) for r in evals if _num(r.get("step")) is not None]
-        if ev_step:
-            lines["eval_vs_step"] = ax_step.plot(*zip(*ev_step), "o-", label="eval loss", ms=4)[0]
-        ev_tok = [(tokens_of(r), float(r["eval_loss"])) for r in evals if tokens_of(r) is not None]
-        if ev_tok:
-            lines["eval_vs_tokens"] = ax_tok.plot(*zip(*ev_tok), "o-", label="eval loss", ms=4)[0]
     for name, line in lines.items():
         counts[name] = len(line.get_xdata())
 
@@ -239,7 +228,7 @@ def _scalar_items(obj: dict) -> list[list[Any]]:
     return [[k, v] for k, v in obj.items() if not isinstance(v, (dict, list))]
 
 
-def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit, train_summary, loss_png, out_md):
+def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit, train_summary, loss_png):
     blocks: list[tuple] = [("h", 1, f"Instruction-tuning report: {run}")]
 
     blocks.append(("h", 2, "Evaluation: base vs tuned"))
@@ -262,12 +251,9 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
         blocks.append(("p", "No training summary."))
     logged = read_jsonl(metrics_jsonl) if metrics_jsonl is not None and Path(metrics_jsonl).exists() else []
     train_rows = [r for r in logged if _num(r.get("loss")) is not None]
-    eval_rows = [r for r in logged if _num(r.get("eval_loss")) is not None]
     if train_rows:
-        note = f"Logged {len(train_rows)} training points; last train loss {fmt(float(train_rows[-1]['loss']))}"
-        if eval_rows:
-            note += f"; last eval loss {fmt(float(eval_rows[-1]['eval_loss']))}"
-        blocks.append(("p", note + "."))
+        blocks.append(("p", f"Logged {len(train_rows)} training points; last train loss "
+                            f"{fmt(float(train_rows[-1]['loss']))}."))
 
     blocks.append(("h", 2, "Loss curve"))
     if loss_png is not None and Path(loss_png).exists():
@@ -371,8 +357,7 @@ def build_report(
     out_html,
 ) -> None:
     """Write the Markdown report (image linked by relative path) and the self-contained HTML report
-    (image embedded as a base64 data URI). ``metrics_jsonl`` supplies the last logged train/eval
-    loss; the curve itself comes from ``loss_png`` (see plot_loss). A missing input becomes a short note."""
+    (image embedded as a base64 data URI). ``metrics_jsonl`` supplies the last logged train loss; the curve itself comes from ``loss_png`` (see plot_loss). A missing input becomes a short note."""
     blocks = _blocks(
         run,
         metrics_jsonl=metrics_jsonl,
@@ -382,7 +367,6 @@ def build_report(
         audit=audit,
         train_summary=train_summary,
         loss_png=loss_png,
-        out_md=out_md,
     )
     write_text(out_md, _render_md(blocks, out_md))
     write_text(out_html, _render_html(blocks, run))

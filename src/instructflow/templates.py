@@ -2,6 +2,8 @@
 the response format; or ``chat: true`` to use the model's own chat template.
 
 The template is a file, so Snakemake declares it as an input and editing it reruns render onwards.
+The bundled ones (alpaca, alpaca_pl, chat) ship inside the package, in ``prompt_templates/``, and are
+found with importlib.resources, so they load from an installed wheel as from a clone.
 """
 
 from __future__ import annotations
@@ -9,16 +11,39 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-FIELDS = ("instruction", "input", "output")
 _PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
+
+
+# The templates shipped with the package. Its files are real files in every install Snakemake can run
+# from (a clone, an editable or a wheel install), so a bundled template has a path a rule can declare.
+BUNDLED_DIR = resources.files(__package__) / "prompt_templates"
 
 
 class TemplateError(ValueError):
     pass
+
+
+def is_bundled_name(template: str) -> bool:
+    """Whether ``template`` names a bundled template ("alpaca") rather than a file ("my.yaml", "t/x")."""
+    return "/" not in template and not template.endswith((".yaml", ".yml"))
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in BUNDLED_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def bundled_path(name: str) -> Path:
+    """The file of the bundled template ``name``; TemplateError naming the bundled ones if there is none."""
+    path = BUNDLED_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise TemplateError(f"unknown template {name!r} (bundled: {', '.join(bundled_names())}; "
+                            "or give a path to a YAML file)")
+    return Path(str(path))
 
 
 @dataclass(frozen=True)
@@ -40,7 +65,8 @@ def fill(text: str, values: dict[str, str]) -> str:
 
 
 def load_template(path: str | Path) -> Template:
-    path = Path(path)
+    """A template file, or a bundled template by name (``load_template("alpaca")``)."""
+    path = bundled_path(path) if isinstance(path, str) and is_bundled_name(path) else Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:

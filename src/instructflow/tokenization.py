@@ -10,15 +10,18 @@ batch time, never by token id).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .config import defaults
 from .examples import IGNORE_INDEX, Examples
 from .io import read_parquet, write_json, write_parquet
 
 TRUNCATION_POLICIES = ("drop", "truncate")
+# The keyword defaults here are the schema's tokenize.* defaults, written only there (max_length is
+# required: a tokenizer's budget is the caller's choice).
+DEFAULTS = defaults("tokenize")
 
 
 class AuditError(RuntimeError):
@@ -38,7 +41,8 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int, truncation: str = "drop") -> TokenizeResult:
+def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int,
+                     truncation: str = DEFAULTS["truncation"]) -> TokenizeResult:
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"tokenize.truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     eos = _eos_id(tokenizer)
@@ -157,7 +161,7 @@ def check_audit(audit: dict) -> None:
 
 
 def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out_audit, *,
-                 max_length: int, truncation: str = "drop") -> TokenizeResult:
+                 max_length: int, truncation: str = DEFAULTS["truncation"]) -> TokenizeResult:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
