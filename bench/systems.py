@@ -131,7 +131,7 @@ def trl_sft(cfg: dict, packed: bool) -> dict:
         layout = {"train_sampling_strategy": "random", "max_length": 512, "packing": True, "packing_strategy": "bfd"}
     else:
         planner = BatchPlanner(train, batch_size=ours["batch_size"], micro_batch_size=ours["micro_batch_size"],
-                               world_size=1, seed=ours["seed"], pack=ours["packing"])
+                               world_size=1, seed=ours["seed"], pack=ours["advanced"]["packing"])
         order = [r for step in range(cfg["steps"]) for m in planner.step(step).micro_batches[0] for r in m]
         dataset = Dataset.from_dict({"prompt": [prompts[r] for r in order], "completion": [responses[r] for r in order]})
         accumulation, micro = ours["batch_size"] // ours["micro_batch_size"], ours["micro_batch_size"]
@@ -180,18 +180,19 @@ def computed_tokens(cfg: dict, steps: int) -> list[int]:
     settings = train_settings(cfg["ours"])
     examples = Examples.load(cfg["train"])
     lengths = examples.lengths.numpy()
-    planner = BatchPlanner(examples, batch_size=settings["batch_size"], world_size=1, pack=settings["packing"],
+    pack = settings["advanced"]["packing"]
+    planner = BatchPlanner(examples, batch_size=settings["batch_size"], world_size=1, pack=pack,
                            micro_batch_size=settings["micro_batch_size"], seed=settings["seed"])
-    width = (lambda rows: int(lengths[rows].sum())) if settings["packing"] else \
+    width = (lambda rows: int(lengths[rows].sum())) if pack else \
         (lambda rows: len(rows) * int(lengths[rows].max()))
     return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
 
 
-def ours(cfg: dict, method: str, precision: str = "auto", **train_keys) -> dict:
-    """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it.
-    precision: `train.precision` where the machine has bf16 (auto, the default: bf16-kahan for full
-    fine-tuning; bf16, a bf16 model on fp32 master weights; bf16-autocast, autocast over fp32 weights,
-    TRL's numerics)."""
+def ours(cfg: dict, method: str, **advanced) -> dict:
+    """instructflow's train stage, called as `accelerate launch -m instructflow.train` would call it, with
+    `train.advanced` settings (docs/speed.md): bf16_mode (where the machine has bf16: auto, the default,
+    Kahan-compensated bf16 weights for full fine-tuning; masters, a bf16 model on fp32 master weights;
+    autocast, autocast over fp32 weights, TRL's numerics), fused_kernels, fast_path."""
     from instructflow.evaluate import eval_loss
     from instructflow.examples import Examples
     from instructflow.io import read_jsonl
@@ -200,7 +201,8 @@ def ours(cfg: dict, method: str, precision: str = "auto", **train_keys) -> dict:
     work = Path(cfg["work"])
     settings = {**cfg["ours"], "method": method, "max_steps": cfg["steps"], "learning_rate": cfg["learning_rate"],
                 "warmup_steps": cfg["warmup_steps"], "log_every": 1, "checkpoint_every": 0,
-                "precision": precision if cfg["bf16"] else "fp32", **train_keys}
+                "precision": "auto" if cfg["bf16"] else "fp32",
+                "advanced": {**cfg["ours"].get("advanced", {}), **advanced}}
     summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
                     metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
     rss = peak_rss_mib()
@@ -215,9 +217,9 @@ def ours(cfg: dict, method: str, precision: str = "auto", **train_keys) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
     loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
-    return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["bf16"], "eval": loss,
-            "master_weights": summary["master_weights"], "kahan_bf16": summary["kahan_bf16"],
-            "allocator": summary["allocator"],
+    return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["precision"] == "bf16", "eval": loss,
+            "precision_mode": summary["precision_mode"], "path": summary["path"],
+            "allocator": summary.get("allocator", "default"),
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": summary["trainable_parameters"]}
 
@@ -249,10 +251,11 @@ SYSTEMS = {
     "trl": lambda cfg: trl_sft(cfg, packed=False),
     "trl_packed": lambda cfg: trl_sft(cfg, packed=True),
     "ours_full": lambda cfg: ours(cfg, "full"),
-    "ours_full_masters": lambda cfg: ours(cfg, "full", precision="bf16"),
-    "ours_full_autocast": lambda cfg: ours(cfg, "full", precision="bf16-autocast"),
+    "ours_full_masters": lambda cfg: ours(cfg, "full", bf16_mode="masters"),
+    "ours_full_autocast": lambda cfg: ours(cfg, "full", bf16_mode="autocast"),
     "ours_full_glibc": lambda cfg: ours(cfg, "full"),  # run.py starts it without jemalloc
     "ours_full_unfused": lambda cfg: ours(cfg, "full", fused_kernels=False),
+    "ours_full_plain": lambda cfg: ours(cfg, "full", fast_path=False),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
     "generation": generation,
 }
