@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny random GPT-2 / GPT-NeoX / LLaMA models,
-built offline in the test session so every stage runs in seconds without the Hub."""
+"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny random models of every architecture in the
+matrix (tests/architectures.py), built offline in the test session so every stage runs in seconds without
+the Hub."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / ".test" / "data" / "instructions.csv"
-ARCHS = ("gpt2", "gpt_neox", "llama")
+from architectures import ARCHITECTURES, tiny_config  # noqa: E402  (the architecture matrix, one line each)
+
+ARCHS = ("gpt2", "gpt_neox", "llama")  # the unit tests' own three; test_architectures.py runs the whole matrix
 # torch.compile on the CPU needs a C++ compiler: inductor takes $CXX, else g++ (as `make setup` checks).
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
 EOS = "<|endoftext|>"
@@ -49,19 +52,10 @@ def build_tokenizer(pad_is_eos: bool = False, vocab_size: int = 512):
 
 
 def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, attn: str | None = None):
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+    """A tiny random model of architecture ``arch`` (a name in tests/architectures.py)."""
+    from transformers import AutoModelForCausalLM
 
-    common = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id}
-    if arch == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
-    elif arch == "gpt_neox":
-        config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                               max_position_embeddings=512, **common)
-    elif arch == "llama":
-        config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=64, max_position_embeddings=512, **common)
-    else:
-        raise ValueError(arch)
+    config = tiny_config(arch, vocab_size, eos_id, pad_id)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn).eval()
 

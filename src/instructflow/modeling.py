@@ -137,6 +137,16 @@ def padding_exact(model) -> str | None:
         model.train(training)
 
 
+def position_limit(config) -> int | None:
+    """The longest sequence the model's own tables allow (a position table, or GPT-Neo's causal-mask buffer),
+    None where it has none (ALiBi). Packed micro-batches stay within it."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def architecture(model) -> str:
     """The model type as transformers names it (gpt_neo, llama, ...), under peft and DDP wrappers."""
     inner = model

@@ -44,7 +44,7 @@ from .config import train_settings
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
 from .loss import response_loss_sum
-from .modeling import architecture, load_model
+from .modeling import architecture, load_model, position_limit
 
 # Keys the workflow passes beside the schema's training settings.
 EXTRA_SETTINGS = ("template_path", "trust_remote_code")
@@ -70,6 +70,12 @@ class TrainingSetup:
     loss: Callable
     forward_kwargs: Callable = no_kwargs
     report: Callable | None = None
+    max_packed_length: int | None = None
+
+    def packs(self, length: int) -> bool:
+        """Whether a micro-batch of this many tokens is packed: where packing is on and the packed row fits
+        the model's position limit (else that micro-batch is padded)."""
+        return self.packing and (self.max_packed_length is None or length <= self.max_packed_length)
 
     def summary(self) -> dict:
         return {**self.applied, **(self.report() if self.report else {})}
@@ -122,7 +128,8 @@ def plain_setup(model, attention, settings: dict, precision: str) -> TrainingSet
                                 autocast=precision == "bf16")
     applied = {"path": "plain", "architecture": architecture(model), "attention": attention.implementation,
                "packing": packing, "loss": "model logits", "precision_mode": strategy.name}
-    return TrainingSetup(model=model, precision=strategy, packing=packing, applied=applied, loss=response_loss_sum)
+    return TrainingSetup(model=model, precision=strategy, packing=packing, applied=applied, loss=response_loss_sum,
+                         max_packed_length=position_limit(model.config))
 
 
 def build_setup(settings: dict, model_dir: Path, device, precision: str, longest_row: int) -> TrainingSetup:
@@ -154,8 +161,8 @@ def train_step(setup: TrainingSetup, wrapped, accelerator, examples: Examples, p
     micro_batches = plan.micro_batches[accelerator.process_index]
     step_loss, tokens = torch.zeros((), device=device), 0
     for i, rows in enumerate(micro_batches):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v
-                 for k, v in collate(examples, rows, pack=setup.packing).items()}
+        pack = setup.packs(int(examples.lengths[rows].sum()))
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, rows, pack=pack).items()}
         # Only the last micro-batch of a step all-reduces gradients across processes.
         sync = accelerator.no_sync(wrapped) if i < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync:

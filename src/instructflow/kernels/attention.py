@@ -209,8 +209,11 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 def register() -> str:
-    """Make ``attn_implementation=NAME`` loadable; returns the name."""
-    from transformers import AttentionInterface
+    """Make ``attn_implementation=NAME`` loadable; returns the name. Calls without row boundaries go to
+    SDPA, so they get SDPA's causal mask."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(NAME, segment_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME

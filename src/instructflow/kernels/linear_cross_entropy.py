@@ -35,16 +35,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _final_logit_transform(config):
-    """Some architectures post-process logits (Gemma's soft-capping, Cohere's scale); keep them exact.
-    None where the architecture does not."""
+    """Some architectures post-process logits (Gemma's soft-capping, Cohere's scale, Granite's division);
+    keep them exact. None where the architecture does not. (``agrees`` catches any this does not know.)"""
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    if cap is None and scale is None:
+    divisor = getattr(config, "logits_scaling", None)
+    if cap is None and scale is None and divisor is None:
         return None
 
     def transform(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
             logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -1,0 +1,145 @@
+"""Every architecture of the matrix (tests/architectures.py: one line each) on both training paths.
+
+For each: the plain path and the fast path (kernels.apply) each give a micro-batch, packed where that
+path packs for the architecture and padded where not, the loss of its rows run one by one (fp32, tight);
+the two paths agree; three training steps on each path follow the same trajectory; a fallback warns,
+naming the architecture and the reason. That every architecture also trains, evaluates and exports
+through the workflow is test_workflow.py's (its runs are this matrix).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from architectures import ARCHITECTURES
+from instructflow.batching import collate
+from instructflow.config import train_settings
+from instructflow.io import read_jsonl
+from instructflow import kernels
+from instructflow.kernels import fused
+from instructflow.tokenization import tokenize_prompts
+from instructflow.train import build_setup, train
+
+from conftest import build_tokenizer
+
+ROWS = list(range(4))  # 4 rows of the .test data: 400-odd tokens, within the tiny models' 512 positions
+TIGHT = {"rel": 1e-5, "abs": 1e-5}
+STEPS = {"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 1,
+         "log_every": 1, "checkpoint_every": 0, "precision": "fp32", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory, alpaca_prompts):
+    result = tokenize_prompts(alpaca_prompts, build_tokenizer(), max_length=1024)
+    path = tmp_path_factory.mktemp("matrix") / "train.safetensors"
+    result.splits["train"].save(path)
+    return result.splits["train"], path
+
+
+@pytest.fixture(autouse=True)
+def _fused_kernels_back_on():
+    yield
+    fused.enable(True)  # kernels.apply sets it per run: leave the process as it started
+
+
+def _setup(model_dir, examples, fast: bool):
+    # Unfused here, for exact fp32 comparisons; test_workflow.py runs the matrix with the compiled kernels.
+    settings = train_settings({"precision": "fp32", "advanced": {"fast_path": fast, "fused_kernels": False}})
+    kernels._warned.clear()  # each reason is said once per process; this asks afresh
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup = build_setup(settings, model_dir, torch.device("cpu"), "fp32",
+                            longest_row=int(examples.lengths.max()))
+    setup.model.eval()
+    return setup, [str(w.message) for w in caught if "instructflow:" in str(w.message)]
+
+
+def _loss(setup, examples, rows, pack: bool) -> float:
+    batch = collate(examples, rows, pack=pack)
+    with torch.no_grad():
+        loss, _ = setup.loss(setup.model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                             **setup.forward_kwargs(batch, "cpu"))
+    return float(loss)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_both_paths_give_each_rows_own_loss_and_agree(arch, tiny_model_dir, examples):
+    examples, _ = examples
+    model_dir = tiny_model_dir(arch)
+    losses = {}
+    for fast in (False, True):
+        setup, messages = _setup(model_dir, examples, fast)
+        alone = sum(_loss(setup, examples, [i], pack=False) for i in ROWS)
+        assert setup.packs(int(examples.lengths[ROWS].sum())) == setup.packing
+        together = _loss(setup, examples, ROWS, pack=setup.packing)
+        assert together == pytest.approx(alone, **TIGHT), (arch, setup.applied)
+        if setup.packing:  # a padded micro-batch is exact too (packing: false, a long micro-batch, evaluation)
+            assert _loss(setup, examples, ROWS, pack=False) == pytest.approx(alone, **TIGHT), arch
+        assert setup.applied["path"] == ("fast" if fast else "plain")
+        # Where the fast path leaves a piece on the plain path, one warning says which architecture and why.
+        assert all(arch_type(arch) in m for m in messages), messages
+        losses[fast] = together
+    assert losses[True] == pytest.approx(losses[False], **TIGHT), arch
+
+
+def arch_type(arch: str) -> str:
+    return ARCHITECTURES[arch][0]
+
+
+def without_dropout(model_dir, dest):
+    """A copy of the model folder with every dropout probability set to 0: the two paths draw their dropout
+    masks differently, so only a deterministic model can follow one trajectory on both."""
+    from transformers import AutoConfig
+
+    shutil.copytree(model_dir, dest)
+    config = AutoConfig.from_pretrained(dest)
+    for name, value in vars(config).items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    config.save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_plain_and_fast_training_follow_the_same_trajectory(arch, tiny_model_dir, examples, tmp_path):
+    _, tokens = examples
+    model_dir = without_dropout(tiny_model_dir(arch), tmp_path / "model")
+    runs = {}
+    for fast in (False, True):
+        out = tmp_path / ("fast" if fast else "plain")
+        settings = {**STEPS, "advanced": {"fast_path": fast, "fused_kernels": False}}
+        summary = train(settings, model_dir=model_dir, train_path=tokens, out_dir=out / "model",
+                        metrics_path=out / "metrics.jsonl", summary_path=out / "summary.json", workdir=out / "work")
+        runs[fast] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")], summary
+    (plain, plain_summary), (fast, fast_summary) = runs[False], runs[True]
+    assert plain_summary["architecture"] == fast_summary["architecture"] == arch_type(arch)
+    # Stated tolerance: the same losses to 1e-4 relative after three AdamW steps in fp32 (the fused loss and
+    # the lean layers round differently in the last bits, and AdamW's first steps amplify that a little).
+    assert fast == pytest.approx(plain, rel=1e-4), (arch, fast_summary)
+
+
+@pytest.mark.parametrize("arch, reason", [
+    ("gpt_neo", "take no registered attention function"),     # the 2023 script's model family
+    ("falcon", "take no registered attention function"),
+    ("stablelm", "logits differ"),                            # its decoder layer drops the row boundaries
+    ("gemma2", "soft-caps scores"),
+])
+def test_row_by_row_attention_falls_back_with_one_warning(arch, reason, tiny_model_dir, examples):
+    examples, _ = examples
+    setup, messages = _setup(tiny_model_dir(arch), examples, fast=True)
+    assert setup.applied["attention"] != "row-by-row (instructflow_segments)"
+    [message] = [m for m in messages if "row-by-row attention" in m]
+    assert arch_type(arch) in message and reason in message
+
+
+def test_packing_pads_where_the_architecture_would_leak(tiny_model_dir, examples):
+    # OPT and Bloom build their masks without the packed position ids: packed rows would see each other.
+    examples, _ = examples
+    for arch in ("opt", "bloom"):
+        setup, messages = _setup(tiny_model_dir(arch), examples, fast=False)
+        assert setup.packing is False and setup.applied["packing"] is False
+        assert any("packed rows are not exact" in m and arch in m for m in messages), messages
