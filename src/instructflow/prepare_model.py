@@ -17,8 +17,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .io import write_json
 
 
@@ -69,6 +67,7 @@ def model_key(spec: str) -> str:
 
 
 def load_source(source: ModelSource, *, trust_remote_code: bool = False):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -81,6 +80,7 @@ def load_source(source: ModelSource, *, trust_remote_code: bool = False):
 
 def _plain_copy(model):
     """A GGUF-loaded model refuses save_pretrained; rebuild it from its config and weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = model.config
