@@ -92,13 +92,12 @@ class StageFailed(RuntimeError):
         self.status = status
 
 
-# What to do, by error type, when the message itself only says what went wrong.
+# What to do, by error type, where the type's messages say only what went wrong (CleanError's,
+# AuditError's, TrainingError's and CheckpointError's messages name the fix themselves).
 HINTS = {
     "ConfigError": "fix that key in your config (config/README.md documents every key)",
     "ModelSpecError": "fix model.base in your config",
-    "TemplateError": "fix the template file (see resources/templates/alpaca.yaml)",
-    "CleanError": "fix the input file, or map its columns with data.columns in your config",
-    "AuditError": "the token audit found broken labels; check the template's response format and the tokenizer",
+    "TemplateError": "fix the template file (resources/templates/alpaca.yaml shows the format)",
     "JSONDecodeError": "the --options/--settings JSON is malformed",
 }
 
@@ -115,7 +114,7 @@ def describe(err: BaseException) -> str:
     else:
         what = f"unexpected {name}: {err}"
         hint = f"this looks like a bug: rerun with {DEBUG_ENV}=1 for the traceback and report it"
-    line = f"{what}; {hint}" if hint else what
+    line = f"{what.rstrip('. ')}; {hint}" if hint else what
     return " ".join(line.split())
 
 

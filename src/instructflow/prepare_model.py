@@ -11,13 +11,14 @@ node without internet. Accepted specs:
 
 from __future__ import annotations
 
+# torch, transformers and pandas (through .io) are imported where they are used: config.py imports this
+# module for resolve_source/model_key while Snakemake parses the workflow, which must stay light.
+
 import importlib.util
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-from .io import write_json
 
 
 class ModelSpecError(ValueError):
@@ -97,6 +98,8 @@ def _plain_copy(model):
 
 
 def prepare_model(spec: str, out_dir: str | Path, *, trust_remote_code: bool = False) -> Path:
+    from .io import write_json  # here, not at the top: config.py imports this module while Snakemake parses
+
     source = resolve_source(spec)
     model, tokenizer = load_source(source, trust_remote_code=trust_remote_code)
     if source.kind == "gguf":
