@@ -100,3 +100,11 @@ def test_rules_quote_every_path_and_call_the_cli(smk):
         assert "python -m instructflow " in block and "instructflow.cli" not in block
         fields = re.findall(r"\{(input|output|log)(\.[A-Za-z_]+)?(:q)?\}", block)
         assert fields and all(q == ":q" for _, _, q in fields), (smk.name, fields)
+
+
+def test_unexpected_errors_still_end_in_one_line():
+    from instructflow.cli import describe
+
+    assert describe(ModuleNotFoundError("No module named 'pandas'")).startswith("a dependency is missing")
+    assert "INSTRUCTFLOW_DEBUG=1" in describe(TypeError("bad"))
+    assert "\n" not in describe(ValueError("two\nlines"))

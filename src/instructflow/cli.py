@@ -108,6 +108,9 @@ def describe(err: BaseException) -> str:
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and err.filename:
         what = f"{err.strerror or name}: {err.filename}"
         hint = "check the path (a rule input, or a path in your config)"
+    elif isinstance(err, ImportError):
+        what = f"a dependency is missing ({err})"
+        hint = "install the pinned requirements (make setup, or pip install -r requirements.txt)"
     elif type(err).__module__.startswith("instructflow") or isinstance(err, (OSError, ValueError, KeyError)):
         what = str(err) or name
         hint = HINTS.get(name, "")
