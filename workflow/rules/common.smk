@@ -13,8 +13,8 @@ from pathlib import Path
 _SRC = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[1] / "src"
 if (_SRC / "instructflow" / "__init__.py").is_file():
     sys.path.insert(0, str(_SRC))
-    if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != str(_SRC):
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SRC), os.environ.get("PYTHONPATH")]))
+    if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != str(_SRC):  # set, not required: no envvars
+        os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(_SRC), os.environ.get("PYTHONPATH")])))
 
 from instructflow import config as ifconfig
 from instructflow.codedeps import code_inputs
