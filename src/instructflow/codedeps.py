@@ -76,8 +76,14 @@ def _files_for(name: str, root: Path) -> set[Path]:
     return files
 
 
-@functools.lru_cache(maxsize=None)
 def _direct(path: Path, root: Path, function: str | None = None) -> frozenset[Path]:
+    """The package files the imports in ``path`` name: all of them, or those of one function
+    (``function``), or those that importing the module runs (``TOP_LEVEL``). Not followed further."""
+    return _direct_cached(path, path.stat().st_mtime_ns, root, function)
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_cached(path: Path, mtime_ns: int, root: Path, function: str | None) -> frozenset[Path]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     if function == TOP_LEVEL:  # what importing the module runs: not what its functions import when called
         nodes: list[ast.AST] = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
