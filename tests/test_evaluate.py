@@ -11,7 +11,7 @@ import torch
 
 from instructflow.evaluate import (
     METRIC_KEYS,
-    combine,
+    compare,
     eval_loss,
     evaluate_model,
     generate,
@@ -204,7 +204,7 @@ def test_exact_match_one_on_own_output(setup, tmp_path):
     assert len(ex) == N_ROWS
 
 
-def test_run_evaluate_combine_and_auto_dtype(setup, tmp_path):
+def test_run_evaluate_compare_and_auto_dtype(setup, tmp_path):
     d = setup["tmp"]
     metrics = run_evaluate(setup["model_dir"], setup["ex_path"], setup["prompts_path"],
                            tmp_path / "base.json", tmp_path / "base.parquet",
@@ -226,7 +226,7 @@ def test_run_evaluate_combine_and_auto_dtype(setup, tmp_path):
     long_prompt_rows.loc[0, "prompt"] = "p " * 300
     write_parquet(tmp_path / "base.parquet", long_prompt_rows)
 
-    out = combine(tmp_path / "base.json", tmp_path / "tuned.json", tmp_path / "base.parquet",
+    out = compare(tmp_path / "base.json", tmp_path / "tuned.json", tmp_path / "base.parquet",
                   tmp_path / "tuned.parquet", tmp_path / "combined.json", tmp_path / "samples.md")
     saved = read_json(tmp_path / "combined.json")
     assert saved == out and set(saved) == {"base", "tuned", "delta"}

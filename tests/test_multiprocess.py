@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, build_model, build_tokenizer
+from conftest import build_model, build_tokenizer
 from instructflow.examples import IGNORE_INDEX, Examples
 from instructflow.io import read_jsonl
+from instructflow.launch import accelerate_config
 
 # Float sums run in a different order on 2 ranks (per-rank micro-batches, then an all-reduce), so
 # losses agree to ~1e-6 here; the bug this guards against (ranks training alone) moved them by 1e-3
@@ -55,7 +56,7 @@ def workspace(tmp_path_factory) -> Path:
 
 def launch(root: Path, processes: int, port: int) -> tuple[list[dict], dict]:
     """The train rule's command line, with the accelerate config the rule picks for this count."""
-    config = REPO / "config" / "accelerate" / ("ddp.yaml" if processes > 1 else "default.yaml")
+    config = accelerate_config(processes)
     name = f"p{processes}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(processes), "--main_process_port", str(port),

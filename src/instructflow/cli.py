@@ -1,15 +1,22 @@
-"""Command line for the workflow's rules: ``python -m instructflow.cli STAGE ...``.
+"""Command line for the workflow's rules: ``instructflow STAGE ...`` (or ``python -m instructflow STAGE ...``).
 
 Each subcommand is a thin call into the stage's module, so rules stay one shell line with their
-log redirected, and the same commands run on a laptop or a SLURM node.
+log redirected, and the same commands run on a laptop or a SLURM node. A subcommand shares its name
+with its rule and with its function here (``cmd_<stage>``, which codedeps.py reads to find the files a
+rule depends on). A failing stage ends with one line on stderr, ``instructflow STAGE: what went wrong``,
+and exit status 1; ``INSTRUCTFLOW_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
+
+DEBUG_ENV = "INSTRUCTFLOW_DEBUG"
 
 
 def _json(text: str):
@@ -50,10 +57,10 @@ def cmd_evaluate(a):
     print(json.dumps(metrics, indent=2))
 
 
-def cmd_combine(a):
-    from .evaluate import combine
+def cmd_compare(a):
+    from .evaluate import compare
 
-    combine(a.base_metrics, a.tuned_metrics, a.base_samples, a.tuned_samples, a.out_metrics, a.out_samples)
+    compare(a.base_metrics, a.tuned_metrics, a.base_samples, a.tuned_samples, a.out_metrics, a.out_samples)
 
 
 def cmd_report(a):
@@ -63,6 +70,55 @@ def cmd_report(a):
     build_report(a.run, metrics_jsonl=a.metrics_jsonl, eval_metrics=a.eval_metrics, samples_md=a.samples_md,
                  clean_report=a.clean_report, audit=a.audit, train_summary=a.train_summary, loss_png=a.loss_png,
                  out_md=a.out_md, out_html=a.out_html)
+
+
+def cmd_train(a):
+    from . import launch
+
+    worker = launch.worker_args(settings=a.settings, model=a.model, train=a.train, out=a.out, metrics=a.metrics,
+                                summary=a.summary, workdir=a.workdir)
+    code = launch.run(worker, run=a.run, threads=a.threads, processes=a.processes,
+                      config_folder=a.accelerate_configs or launch.ACCELERATE_CONFIGS)
+    if code:
+        raise StageFailed(f"the training processes exited with status {code}; their error is above in this log. "
+                          f"Fix it and rerun: training resumes from the last checkpoint in {a.workdir}", code)
+
+
+class StageFailed(RuntimeError):
+    """A stage whose work ran in a child process that failed (the child's own output says why)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+# What to do, by error type, where the type's messages say only what went wrong (CleanError's,
+# AuditError's, TrainingError's and CheckpointError's messages name the fix themselves).
+HINTS = {
+    "ConfigError": "fix that key in your config (config/README.md documents every key)",
+    "ModelSpecError": "fix model.base in your config",
+    "TemplateError": "fix the template file (resources/templates/alpaca.yaml shows the format)",
+    "JSONDecodeError": "the --options/--settings JSON is malformed",
+}
+
+
+def describe(err: BaseException) -> str:
+    """One line: what went wrong, and what to do."""
+    name = type(err).__name__
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and err.filename:
+        what = f"{err.strerror or name}: {err.filename}"
+        hint = "check the path (a rule input, or a path in your config)"
+    elif isinstance(err, ImportError):
+        what = f"a dependency is missing ({err})"
+        hint = "install the pinned requirements (make setup, or pip install -r requirements.txt)"
+    elif type(err).__module__.startswith("instructflow") or isinstance(err, (OSError, ValueError, KeyError)):
+        what = str(err) or name
+        hint = HINTS.get(name, "")
+    else:
+        what = f"unexpected {name}: {err}"
+        hint = f"this looks like a bug: rerun with {DEBUG_ENV}=1 for the traceback and report it"
+    line = f"{what.rstrip('. ')}; {hint}" if hint else what
+    return " ".join(line.split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,16 +139,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("render", cmd_render, "clean", "template", "out", "model", optional=("model",))
     add("tokenize", cmd_tokenize, "prompts", "model", "train", "eval", "rejected", "audit", "options")
     add("evaluate", cmd_evaluate, "model", "examples", "prompts", "metrics", "samples", "options")
-    add("combine", cmd_combine, "base_metrics", "tuned_metrics", "base_samples", "tuned_samples", "out_metrics",
+    add("compare", cmd_compare, "base_metrics", "tuned_metrics", "base_samples", "tuned_samples", "out_metrics",
         "out_samples")
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
+    p = add("train", cmd_train, "run", "settings", "model", "train", "out", "metrics", "summary", "workdir",
+            "accelerate_configs", optional=("accelerate_configs",))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads the job holds (split among processes)")
+    p.add_argument("--processes", type=int, default=1, help="accelerate processes (one per GPU)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"instructflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one line, the traceback on request
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"instructflow {args.command}: {describe(err)}", file=sys.stderr, flush=True)
+        return getattr(err, "status", 1) if isinstance(err, StageFailed) else 1
+    return 0
 
 
 if __name__ == "__main__":

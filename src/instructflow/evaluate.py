@@ -348,7 +348,7 @@ def run_evaluate(
     return metrics
 
 
-# --------------------------------------------------------------------------------------- combine
+# --------------------------------------------------------------------------------------- compare
 def _delta(base, tuned):
     numeric = (int, float)
     if isinstance(base, bool) or isinstance(tuned, bool):
@@ -363,7 +363,7 @@ def _truncate(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def combine(
+def compare(
     base_metrics_path,
     tuned_metrics_path,
     base_samples_path,

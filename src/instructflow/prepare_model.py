@@ -11,15 +11,14 @@ node without internet. Accepted specs:
 
 from __future__ import annotations
 
+# torch, transformers and pandas (through .io) are imported where they are used: config.py imports this
+# module for resolve_source/model_key while Snakemake parses the workflow, which must stay light.
+
 import importlib.util
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-
-from .io import write_json
 
 
 class ModelSpecError(ValueError):
@@ -69,6 +68,7 @@ def model_key(spec: str) -> str:
 
 
 def load_source(source: ModelSource, *, trust_remote_code: bool = False):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -81,6 +81,7 @@ def load_source(source: ModelSource, *, trust_remote_code: bool = False):
 
 def _plain_copy(model):
     """A GGUF-loaded model refuses save_pretrained; rebuild it from its config and weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = model.config
@@ -97,6 +98,8 @@ def _plain_copy(model):
 
 
 def prepare_model(spec: str, out_dir: str | Path, *, trust_remote_code: bool = False) -> Path:
+    from .io import write_json  # here, not at the top: config.py imports this module while Snakemake parses
+
     source = resolve_source(spec)
     model, tokenizer = load_source(source, trust_remote_code=trust_remote_code)
     if source.kind == "gguf":

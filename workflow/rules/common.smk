@@ -1,14 +1,27 @@
 # All the workflow's Python: config validation (in the library, so it is unit-tested), the run table
-# and the input/param helpers the rules call by name.
+# and the input/param helpers the rules call by name. Parsing imports no torch (tests/test_reruns.py).
 import json
+import os
 import shlex
+import sys
 from pathlib import Path
 
+# The package this workflow runs is the one beside these rules (src/ of the clone, or of a local
+# `module` deployment): first on sys.path for parsing and on PYTHONPATH for the jobs, so the code the
+# rules declare as inputs is the code that runs. A workflow fetched from a remote source (github(...))
+# has no local src/: then the installed instructflow (from envs/instructflow.yaml) runs.
+_SRC = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[1] / "src"
+if (_SRC / "instructflow" / "__init__.py").is_file():
+    sys.path.insert(0, str(_SRC))
+    if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != str(_SRC):  # set, not required: no envvars
+        os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(_SRC), os.environ.get("PYTHONPATH")])))
+
 from instructflow import config as ifconfig
+from instructflow.codedeps import code_inputs
+from instructflow.launch import accelerate_configs, process_count
 from instructflow.templates import load_template
 
 CONFIG, RUNS = ifconfig.load(config, Path.cwd())
-REPO = Path(workflow.basedir)
 TEMPLATES = {ifconfig.template_key(r["template"]): r["template_path"] for r in RUNS.values()}
 MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
 
@@ -17,11 +30,6 @@ wildcard_constraints:
     run="|".join(map(lambda name: name.replace(".", r"\."), RUNS)),
     model=r"[A-Za-z0-9._-]+",
     template=r"[A-Za-z0-9._-]+",
-
-
-def lib(*modules):
-    """Library modules the rule's command imports, declared as inputs so that editing one reruns that stage onwards."""
-    return [str(REPO / "src" / "instructflow" / m) for m in modules]
 
 
 def run_paths(run):
@@ -59,25 +67,9 @@ def get_run_template(wildcards):
 
 
 def get_run_processes(wildcards, resources):
-    """One process per GPU the job holds (resource `gpu`, set by a cluster profile), else
-    train.processes: the same config trains on a laptop and on a GPU node."""
-    gpus = int(resources.get("gpu", 0) or 0)
-    return gpus if gpus > 0 else RUNS[wildcards.run]["train"]["processes"]
-
-
-def get_accelerate_config(wildcards, resources):
-    """Which config/accelerate/ file the job launches with. default.yaml starts exactly one process
-    whatever --num_processes says (accelerate 1.15), so several processes need ddp.yaml: DDP over
-    GPUs, or over CPU processes (gloo) on a host without GPUs."""
-    return "ddp" if get_run_processes(wildcards, resources) > 1 else "default"
+    """One process per GPU the job holds (resource `gpu`, set by a cluster profile), else train.processes."""
+    return process_count(resources.get("gpu", 0), RUNS[wildcards.run]["train"]["processes"])
 
 
 def json_option(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
-
-
-def get_run_port(wildcards):
-    """Stable per run name (a port that changed with the set of runs would rerun every training)."""
-    import zlib
-
-    return 29500 + zlib.crc32(wildcards.run.encode()) % 2000

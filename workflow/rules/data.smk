@@ -13,7 +13,7 @@ rule clean:
         ),
     input:
         data=CONFIG["data"]["path"],
-        code=lib("clean.py"),
+        code=code_inputs("clean"),
     params:
         options=json_option(
             {k: CONFIG["data"][k] for k in ("columns", "placeholders", "max_chars", "eval_fraction")}
@@ -23,8 +23,8 @@ rule clean:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli clean --data {input.data} --clean {output.clean}"
-        " --rejected {output.rejected} --report {output.report} --options {params.options} > {log} 2>&1"
+        "python -m instructflow clean --data {input.data:q} --clean {output.clean:q} --rejected {output.rejected:q}"
+        " --report {output.report:q} --options {params.options} > {log:q} 2>&1"
 
 
 rule render:
@@ -34,16 +34,16 @@ rule render:
         clean="results/data/clean.parquet",
         template=get_template,
         model=get_render_model,
-        code=lib("render.py", "templates.py"),
+        code=code_inputs("render"),
     params:
-        model=lambda wc, input: f"--model {input.model}" if input.model else "",
+        model=lambda wc, input: f"--model {shlex.quote(input.model)}" if input.model else "",
     log:
         "logs/render/{model}/{template}.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli render --clean {input.clean} --template {input.template}"
-        " --out {output} {params.model} > {log} 2>&1"
+        "python -m instructflow render --clean {input.clean:q} --template {input.template:q} --out {output:q}"
+        " {params.model} > {log:q} 2>&1"
 
 
 rule tokenize:
@@ -59,7 +59,7 @@ rule tokenize:
     input:
         prompts="results/prompts/{model}/{template}.parquet",
         model="results/models/{model}",
-        code=lib("tokenization.py", "examples.py"),
+        code=code_inputs("tokenize"),
     params:
         options=json_option(CONFIG["tokenize"]),
     log:
@@ -69,6 +69,6 @@ rule tokenize:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli tokenize --prompts {input.prompts} --model {input.model}"
-        " --train {output.train} --eval {output.eval} --rejected {output.rejected} --audit {output.audit}"
-        " --options {params.options} > {log} 2>&1"
+        "python -m instructflow tokenize --prompts {input.prompts:q} --model {input.model:q}"
+        " --train {output.train:q} --eval {output.eval:q} --rejected {output.rejected:q} --audit {output.audit:q}"
+        " --options {params.options} > {log:q} 2>&1"

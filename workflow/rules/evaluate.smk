@@ -7,7 +7,7 @@ rule evaluate_base:
         model="results/models/{model}",
         examples="results/tokens/{model}/{template}/eval.safetensors",
         prompts="results/prompts/{model}/{template}.parquet",
-        code=lib("evaluate.py", "loss.py", "device.py"),
+        code=code_inputs("evaluate"),
     params:
         options=json_option(CONFIG["evaluate"]),
     threads: 2
@@ -16,9 +16,9 @@ rule evaluate_base:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli evaluate --model {input.model} --examples {input.examples}"
-        " --prompts {input.prompts} --metrics {output.metrics} --samples {output.samples}"
-        " --options {params.options} > {log} 2>&1"
+        "python -m instructflow evaluate --model {input.model:q} --examples {input.examples:q}"
+        " --prompts {input.prompts:q} --metrics {output.metrics:q} --samples {output.samples:q}"
+        " --options {params.options} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -29,7 +29,7 @@ rule evaluate:
         model="results/runs/{run}/model",
         examples=from_run("results/tokens/{model}/{template}/eval.safetensors"),
         prompts=from_run("results/prompts/{model}/{template}.parquet"),
-        code=lib("evaluate.py", "loss.py", "device.py"),
+        code=code_inputs("evaluate"),
     params:
         options=json_option(CONFIG["evaluate"]),
     threads: 2
@@ -38,9 +38,9 @@ rule evaluate:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli evaluate --model {input.model} --examples {input.examples}"
-        " --prompts {input.prompts} --metrics {output.tuned} --samples {output.samples}"
-        " --options {params.options} > {log} 2>&1"
+        "python -m instructflow evaluate --model {input.model:q} --examples {input.examples:q}"
+        " --prompts {input.prompts:q} --metrics {output.tuned:q} --samples {output.samples:q}"
+        " --options {params.options} > {log:q} 2>&1"
 
 
 rule compare:
@@ -62,12 +62,12 @@ rule compare:
         base_samples=from_run("results/base_eval/{model}/{template}/samples.parquet"),
         tuned="results/runs/{run}/eval/tuned.json",
         tuned_samples="results/runs/{run}/eval/tuned_samples.parquet",
-        code=lib("evaluate.py"),
+        code=code_inputs("compare"),
     log:
         "logs/compare/{run}.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli combine --base-metrics {input.base} --tuned-metrics {input.tuned}"
-        " --base-samples {input.base_samples} --tuned-samples {input.tuned_samples}"
-        " --out-metrics {output.metrics} --out-samples {output.samples} > {log} 2>&1"
+        "python -m instructflow compare --base-metrics {input.base:q} --tuned-metrics {input.tuned:q}"
+        " --base-samples {input.base_samples:q} --tuned-samples {input.tuned_samples:q}"
+        " --out-metrics {output.metrics:q} --out-samples {output.samples:q} > {log:q} 2>&1"

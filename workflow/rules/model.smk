@@ -8,7 +8,7 @@ rule prepare_model:
     output:
         directory("results/models/{model}"),
     input:
-        code=lib("prepare_model.py"),
+        code=code_inputs("prepare-model"),
     params:
         spec=lambda wc: shlex.quote(MODELS[wc.model]["base"]),
         trust=lambda wc: "--trust-remote-code" if MODELS[wc.model]["trust_remote_code"] else "",
@@ -17,4 +17,4 @@ rule prepare_model:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli prepare-model --spec {params.spec} --out {output} {params.trust} > {log} 2>&1"
+        "python -m instructflow prepare-model --spec {params.spec} --out {output:q} {params.trust} > {log:q} 2>&1"

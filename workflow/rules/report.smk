@@ -19,13 +19,13 @@ rule report:
         samples="results/runs/{run}/eval/samples.md",
         clean="results/data/clean_report.json",
         audit=from_run("results/tokens/{model}/{template}/audit.json"),
-        code=lib("report.py"),
+        code=code_inputs("report"),
     log:
         "logs/report/{run}.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow.cli report --run {wildcards.run} --metrics-jsonl {input.metrics}"
-        " --eval-metrics {input.eval} --samples-md {input.samples} --clean-report {input.clean}"
-        " --audit {input.audit} --train-summary {input.summary} --loss-png {output.png}"
-        " --out-md {output.md} --out-html {output.html} > {log} 2>&1"
+        "python -m instructflow report --run {wildcards.run:q} --metrics-jsonl {input.metrics:q}"
+        " --eval-metrics {input.eval:q} --samples-md {input.samples:q} --clean-report {input.clean:q}"
+        " --audit {input.audit:q} --train-summary {input.summary:q} --loss-png {output.png:q}"
+        " --out-md {output.md:q} --out-html {output.html:q} > {log:q} 2>&1"

@@ -1,0 +1,102 @@
+"""``instructflow train``: start the trainer under ``accelerate launch`` with the environment it needs.
+
+What the train rule used to compute in bash, here in Python and unit-tested:
+  * the thread split: ``OMP_NUM_THREADS = max(1, threads // processes)`` (threads: what the job holds);
+  * the rendezvous port: stable per run name (``29500 + crc32(run) % 2000``: a port that changed with
+    the set of runs would rerun every training), or under SLURM from the job id
+    (``20000 + SLURM_JOB_ID % 12000``, below the kernel's ephemeral range), so concurrent trainings on
+    one node, of this workflow or another user's, never collide;
+  * the accelerate config: ``default.yaml`` for one process (accelerate 1.15 starts exactly one from
+    it, whatever ``--num_processes`` says), ``ddp.yaml`` for several (DDP over GPUs, or gloo over CPU
+    processes); both ship inside the package (``instructflow/accelerate/``);
+  * ``LD_PRELOAD`` with jemalloc where one is found (``allocator.preload``).
+The worker it launches is ``python -m instructflow.train`` with the arguments given here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:  # never imported here: the worker runs in accelerate's processes; codedeps counts it
+    from . import train  # noqa: F401
+
+from . import allocator
+
+WORKER = "instructflow.train"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
+WORKER_ARGS = ("settings", "model", "train", "out", "metrics", "summary", "workdir")
+
+
+def process_count(gpus: int | str | None, configured: int) -> int:
+    """One process per GPU the job holds (resource ``gpu``, set by a cluster profile), else
+    ``train.processes``: the same config trains on a laptop and on a GPU node."""
+    gpus = int(gpus or 0)
+    return gpus if gpus > 0 else int(configured)
+
+
+def omp_threads(threads: int, processes: int) -> int:
+    return max(1, int(threads) // max(1, int(processes)))
+
+
+def rendezvous_port(run: str, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID", "").strip()
+    if job.isdigit():
+        return 20000 + int(job) % 12000
+    return 29500 + zlib.crc32(run.encode()) % 2000
+
+
+def accelerate_config(processes: int, folder: Path = ACCELERATE_CONFIGS) -> Path:
+    return Path(folder) / ("ddp.yaml" if processes > 1 else "default.yaml")
+
+
+def accelerate_configs(folder: Path = ACCELERATE_CONFIGS) -> list[str]:
+    """The files the launcher may pick: the train rule's inputs, so editing one reruns training."""
+    return [str(accelerate_config(n, folder)) for n in (1, 2)]
+
+
+def launch_env(threads: int, processes: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if env is None else env)
+    env["OMP_NUM_THREADS"] = str(omp_threads(threads, processes))
+    preload = allocator.preload(env)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
+
+
+def launch_command(worker_args: Sequence[str], *, run: str, processes: int, env: Mapping[str, str] | None = None,
+                   config_folder: Path = ACCELERATE_CONFIGS, python: str = sys.executable) -> list[str]:
+    """The ``accelerate launch`` command line, on this interpreter (``python -m accelerate...``), so the
+    workers run in the same environment as the launcher whatever PATH holds."""
+    return [python, "-m", "accelerate.commands.accelerate_cli", "launch",
+            "--config_file", str(accelerate_config(processes, config_folder)),
+            "--num_processes", str(processes), "--main_process_port", str(rendezvous_port(run, env)),
+            "-m", WORKER, *worker_args]
+
+
+def worker_args(**paths) -> list[str]:
+    """``--settings ... --model ... --train ... --out ... --metrics ... --summary ... --workdir ...``."""
+    missing = [k for k in WORKER_ARGS if paths.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"missing worker arguments: {', '.join(missing)}")
+    return [item for k in WORKER_ARGS for item in (f"--{k}", str(paths[k]))]
+
+
+def run(worker: Sequence[str], *, run: str, threads: int, processes: int,
+        config_folder: Path = ACCELERATE_CONFIGS) -> int:
+    """Launch the training and return accelerate's exit code."""
+    for path in (accelerate_config(processes, config_folder),):
+        if not path.is_file():
+            raise FileNotFoundError(2, "accelerate config not found", str(path))
+    env = launch_env(threads, processes)
+    cmd = launch_command(worker, run=run, processes=processes, env=env, config_folder=config_folder)
+    print(f"instructflow train: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} LD_PRELOAD={env.get('LD_PRELOAD', '')} "
+          + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env).returncode
