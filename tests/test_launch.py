@@ -44,8 +44,17 @@ def test_environment_splits_threads_and_preloads_the_allocator(monkeypatch):
     monkeypatch.setattr(launch.allocator, "preload", lambda env: "/lib/libjemalloc.so.2")
     env = launch.launch_env(8, 2, {"PATH": "/bin"})
     assert env["OMP_NUM_THREADS"] == "4" and env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and env["PATH"] == "/bin"
+    # The plain path (train.advanced.fast_path: false) keeps the default allocator.
+    assert "LD_PRELOAD" not in launch.launch_env(8, 2, {"PATH": "/bin"}, fast_path=False)
     monkeypatch.setattr(launch.allocator, "preload", lambda env: "")
     assert "LD_PRELOAD" not in launch.launch_env(2, 1, {"LD_PRELOAD": ""})
+
+
+def test_fast_path_is_read_from_the_settings(tmp_path):
+    assert launch.fast_path("{}") and launch.fast_path('{"advanced": {"packing": false}}')
+    assert not launch.fast_path('{"advanced": {"fast_path": false}}')
+    (tmp_path / "s.json").write_text('{"advanced": {"fast_path": false}}')
+    assert not launch.fast_path(str(tmp_path / "s.json"))
 
 
 def test_command_is_accelerate_launch_of_the_worker_module():

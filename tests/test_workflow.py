@@ -18,10 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ARCHS, HAS_COMPILER, REPO, TEST_DATA
+from architectures import ARCHITECTURES
+from conftest import HAS_COMPILER, REPO, TEST_DATA
 from instructflow.kernels.allocator import find_jemalloc
 
 pytestmark = pytest.mark.slow
+# The whole architecture matrix: one run per architecture in one workflow (the default config's training
+# path, compiled kernels included); adding a line to tests/architectures.py adds a run here.
+ARCHS = list(ARCHITECTURES)
 
 BIN = Path(sys.executable).parent
 TINY_CONFIG = {
@@ -111,11 +115,15 @@ def test_every_architecture_runs_end_to_end(tiny_workflow):
         for side in ("base", "tuned"):
             assert {"eval_loss", "perplexity", "exact_match", "rouge_l", "n"} <= set(metrics[side]), (arch, side)
         model = AutoModelForCausalLM.from_pretrained(run / "model")
-        assert model.config.model_type == arch
+        assert model.config.model_type == ARCHITECTURES[arch][0]
+        assert model.generate(model.dummy_inputs["input_ids"][:1, :4], max_new_tokens=2, do_sample=False).shape[1] > 4
         # The rule preloads jemalloc wherever one is found (make setup installs one where apt is present).
         summary = json.loads((run / "train" / "summary.json").read_text())
         assert summary["allocator"] == ("jemalloc" if find_jemalloc() else "default"), arch
-        # train.fused_kernels (default on) compiles the loss kernel of every architecture where a C++ compiler is.
+        assert summary["path"] == "fast" and summary["architecture"] == ARCHITECTURES[arch][0], arch
+        # train.advanced.fused_kernels (default on) compiles the loss kernel wherever the fused loss applies
+        # (all but architectures whose logits it cannot reproduce) and a C++ compiler is.
+        assert summary["loss"] == "fused linear + cross-entropy", arch
         assert summary["fused_kernels"]["cross_entropy_chunk"] == ("compiled" if HAS_COMPILER else "eager"), arch
     assert "Nothing to be done" in snakemake(*tiny_workflow, "-n").stdout
 

@@ -97,7 +97,7 @@ class StageFailed(RuntimeError):
 HINTS = {
     "ConfigError": "fix that key in your config (config/README.md documents every key)",
     "ModelSpecError": "fix model.base in your config",
-    "TemplateError": "fix the template file (resources/templates/alpaca.yaml shows the format)",
+    "TemplateError": "fix the template file (src/instructflow/prompt_templates/alpaca.yaml shows the format)",
     "JSONDecodeError": "the --options/--settings JSON is malformed",
 }
 

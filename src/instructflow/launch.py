@@ -9,7 +9,8 @@ What the train rule used to compute in bash, here in Python and unit-tested:
   * the accelerate config: ``default.yaml`` for one process (accelerate 1.15 starts exactly one from
     it, whatever ``--num_processes`` says), ``ddp.yaml`` for several (DDP over GPUs, or gloo over CPU
     processes); both ship inside the package (``instructflow/accelerate/``);
-  * ``LD_PRELOAD`` with jemalloc where one is found (``allocator.preload``).
+  * ``LD_PRELOAD`` with jemalloc where one is found (``kernels.allocator.preload``), unless the settings
+    turn the fast path off (``train.advanced.fast_path: false``: the plain path, the default allocator).
 The worker it launches is ``python -m instructflow.train`` with the arguments given here.
 """
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 if TYPE_CHECKING:  # never imported here: the worker runs in accelerate's processes; codedeps counts it
     from . import train  # noqa: F401
 
-from . import allocator
+from .kernels import allocator
 
 WORKER = "instructflow.train"
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
@@ -60,10 +61,11 @@ def accelerate_configs(folder: Path = ACCELERATE_CONFIGS) -> list[str]:
     return [str(accelerate_config(n, folder)) for n in (1, 2)]
 
 
-def launch_env(threads: int, processes: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+def launch_env(threads: int, processes: int, env: Mapping[str, str] | None = None,
+               fast_path: bool = True) -> dict[str, str]:
     env = dict(os.environ if env is None else env)
     env["OMP_NUM_THREADS"] = str(omp_threads(threads, processes))
-    preload = allocator.preload(env)
+    preload = allocator.preload(env) if fast_path else env.get("LD_PRELOAD", "")
     if preload:
         env["LD_PRELOAD"] = preload
     else:
@@ -89,13 +91,21 @@ def worker_args(**paths) -> list[str]:
     return [item for k in WORKER_ARGS for item in (f"--{k}", str(paths[k]))]
 
 
+def fast_path(settings: str) -> bool:
+    """Whether the train settings (a JSON string or file, as the worker takes them) keep the fast path on."""
+    import json
+
+    text = settings if settings.lstrip().startswith("{") else Path(settings).read_text()
+    return bool(json.loads(text).get("advanced", {}).get("fast_path", True))
+
+
 def run(worker: Sequence[str], *, run: str, threads: int, processes: int,
         config_folder: Path = ACCELERATE_CONFIGS) -> int:
     """Launch the training and return accelerate's exit code."""
     for path in (accelerate_config(processes, config_folder),):
         if not path.is_file():
             raise FileNotFoundError(2, "accelerate config not found", str(path))
-    env = launch_env(threads, processes)
+    env = launch_env(threads, processes, fast_path=fast_path(worker[worker.index("--settings") + 1]))
     cmd = launch_command(worker, run=run, processes=processes, env=env, config_folder=config_folder)
     print(f"instructflow train: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} LD_PRELOAD={env.get('LD_PRELOAD', '')} "
           + " ".join(cmd), file=sys.stderr, flush=True)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from ..modeling import architecture
-
 # Where the fast path fell back, said once per process and reason.
 _warned: set[str] = set()
 
@@ -38,6 +36,7 @@ def _warn(message: str) -> None:
 def apply(setup, settings: dict, *, longest_row: int):
     """A copy of the plain ``setup`` (train.TrainingSetup) with every speed piece that is safe for this model
     swapped in; ``setup.applied`` says what was."""
+    from ..modeling import architecture
     from . import attention, fused, lean_layers, linear_cross_entropy
 
     model, advanced = setup.model, settings["advanced"]

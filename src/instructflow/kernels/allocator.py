@@ -7,7 +7,7 @@ those fragments and return what stays unused: peak RSS 2.64 GiB against 3.02, at
 (docs/benchmarks.md). PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) offers jemalloc the
 same way: by `LD_PRELOAD`, since the allocator must be in place before the process allocates.
 
-The train rule runs `python -m instructflow.allocator` and puts what it prints in `LD_PRELOAD`.
+`instructflow train` (launch.py) puts `preload()` in `LD_PRELOAD` of the training processes.
 `make setup` installs jemalloc into the virtual environment (`install`, from Debian's package where
 apt is present); the conda environment lists conda-forge's. `INSTRUCTFLOW_JEMALLOC` names another
 library file, or `off` to keep the default allocator.
