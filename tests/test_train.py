@@ -163,8 +163,10 @@ def test_gradient_accumulation_gives_the_same_trajectory(tmp_path, tiny_model_di
     assert len(_losses(one)) == 4
     assert _losses(four) == pytest.approx(_losses(one), abs=1e-4)
     a, b = _weights(one / "model"), _weights(four / "model")
+    # Four AdamW steps of 1e-3 move weights by ~4e-3; summation order alone leaves ~1e-5 (AdamW divides
+    # by the root of tiny second moments, which amplifies rounding in a few elements of the 64-wide model).
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5)
 
 
 def test_packing_gives_the_same_trajectory_as_padding(tmp_path, tiny_model_dir, train_tokens):

@@ -78,7 +78,8 @@ class TrainingSetup:
         return self.packing and (self.max_packed_length is None or length <= self.max_packed_length)
 
     def summary(self) -> dict:
-        return {**self.applied, **(self.report() if self.report else {})}
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {**self.applied, **(self.report() if self.report else {}), "trainable_parameters": trainable}
 
 
 class ResponseLoss(torch.nn.Module):
@@ -197,10 +198,37 @@ class Window:
 # ------------------------------------------------------------------------------------- checkpoints
 @dataclasses.dataclass
 class Progress:
-    step: int = 0
+    """Where training stands: the step it started from, tokens seen (this rank's non-pad, and trained in
+    the global batch) and seconds trained, across resumes."""
+
+    start: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     elapsed_before: float = 0.0
+    elapsed_s: float = 0.0
+
+    def advance(self, tokens: int, trained_tokens: int, *, elapsed: float) -> None:
+        self.tokens += tokens
+        self.trained_tokens += trained_tokens
+        self.elapsed_s = self.elapsed_before + elapsed
+
+    def trained_tokens_per_s(self) -> float:
+        return self.trained_tokens / max(self.elapsed_s, 1e-9)
+
+    def totals(self, accelerator) -> dict:
+        """The counters of a metrics record (non-pad tokens summed over processes)."""
+        tokens = self.tokens
+        if accelerator.num_processes > 1:
+            tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
+        return {"tokens": tokens, "trained_tokens": self.trained_tokens, "elapsed_s": round(self.elapsed_s, 3)}
+
+    def extra(self) -> dict:
+        """What a checkpoint keeps of it."""
+        return {"tokens": self.tokens, "trained_tokens": self.trained_tokens, "elapsed_s": self.elapsed_s}
+
+    def summary(self) -> dict:
+        return {"trained_tokens": self.trained_tokens, "elapsed_s": round(self.elapsed_s, 2),
+                "trained_tokens_per_s": round(self.trained_tokens_per_s(), 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def resume(setup: TrainingSetup, scheduler, workdir: Path, fp: str, log) -> Progress:
@@ -216,7 +244,7 @@ def resume(setup: TrainingSetup, scheduler, workdir: Path, fp: str, log) -> Prog
     torch.set_rng_state(ckpt["rng"])
     extra = ckpt["extra"]
     log(f"resuming from checkpoint at step {ckpt['step']}")
-    return Progress(ckpt["step"], extra["tokens"], extra["trained_tokens"], extra["elapsed_s"])
+    return Progress(ckpt["step"], extra["tokens"], extra["trained_tokens"], extra["elapsed_s"], extra["elapsed_s"])
 
 
 def checkpoint(setup: TrainingSetup, scheduler, workdir: Path, fp: str, step: int, progress: dict) -> None:
@@ -303,56 +331,45 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     progress = resume(setup, scheduler, workdir, fp, accelerator.print)
     log_path = workdir / "metrics.jsonl"
     if accelerator.is_main_process:
-        start_log(log_path, progress.step)
+        start_log(log_path, progress.start)
 
     # `setup.model` stays the plain transformers model (the wrapper shares its parameters).
     wrapped = accelerator.prepare(ResponseLoss(setup))
     wrapped.train()
     started = time.perf_counter()
     window = Window()
-    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, mininterval=5,
+    bar = tqdm(total=total, initial=progress.start, desc="train", unit="step", dynamic_ncols=True, mininterval=5,
                disable=not accelerator.is_main_process)
-    for step in range(progress.step, total):
+    for step in range(progress.start, total):
         plan = planner.step(step)
         loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)
         if not math.isfinite(loss):
             raise TrainingError(f"loss became {loss} at step {step + 1}; the last good checkpoint in {workdir} "
                                 "is kept. Lower train.learning_rate or check the data.")
-        norm = setup.precision.step(settings["max_grad_norm"])
+        window.add(loss, plan.trained_tokens, setup.precision.step(settings["max_grad_norm"]))
         scheduler.step()
-        progress.tokens += tokens
-        progress.trained_tokens += plan.trained_tokens
-        window.add(loss, plan.trained_tokens, norm)
+        progress.advance(tokens, plan.trained_tokens, elapsed=time.perf_counter() - started)
         done = step + 1
         bar.update(1)
-        elapsed = progress.elapsed_before + time.perf_counter() - started
         if done % settings["log_every"] == 0 or done == total:
-            all_tokens = int(accelerator.reduce(torch.tensor(progress.tokens, device=device), reduction="sum")) \
-                if world > 1 else progress.tokens
-            record = window.record(step=done, lr=scheduler.get_last_lr()[0], tokens=all_tokens,
-                                   trained_tokens=progress.trained_tokens, elapsed_s=round(elapsed, 3))
+            record = window.record(step=done, lr=scheduler.get_last_lr()[0], **progress.totals(accelerator))
             if accelerator.is_main_process:
                 append_jsonl(log_path, [record])
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{progress.trained_tokens / max(elapsed, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{progress.trained_tokens_per_s():.0f}")
         if settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total:
             if accelerator.is_main_process:
-                checkpoint(setup, scheduler, workdir, fp, done, {"tokens": progress.tokens, "elapsed_s": elapsed,
-                                                                 "trained_tokens": progress.trained_tokens})
+                checkpoint(setup, scheduler, workdir, fp, done, progress.extra())
             accelerator.wait_for_everyone()
     bar.close()
-    elapsed = progress.elapsed_before + time.perf_counter() - started
     accelerator.wait_for_everyone()
-    summary = {}
     setup.precision.to_fp32()
+    summary = {}
     if accelerator.is_main_process:
         export(setup, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
-        summary = {"method": settings["method"], "steps": total, "resumed_from_step": progress.step,
-                   "processes": world, "device": str(device), "precision": precision, **setup.summary(),
-                   "trainable_parameters": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
-                   "trained_tokens": progress.trained_tokens, "elapsed_s": round(elapsed, 2),
-                   "trained_tokens_per_s": round(progress.trained_tokens / max(elapsed, 1e-9), 2),
-                   "peak_rss_mb": round(peak_rss_mb(), 1)}
+        summary = {"method": settings["method"], "steps": total, "resumed_from_step": progress.start,
+                   "processes": accelerator.num_processes, "device": str(device), "precision": precision,
+                   **setup.summary(), **progress.summary()}
         write_json(summary_path, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
