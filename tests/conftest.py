@@ -14,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / ".test" / "data" / "instructions.csv"
-from architectures import ARCHITECTURES, tiny_config  # noqa: E402  (the architecture matrix, one line each)
+from architectures import tiny_config  # the architecture matrix, one line each
 
 ARCHS = ("gpt2", "gpt_neox", "llama")  # the unit tests' own three; test_architectures.py runs the whole matrix
 # torch.compile on the CPU needs a C++ compiler: inductor takes $CXX, else g++ (as `make setup` checks).
@@ -102,3 +102,27 @@ def alpaca_prompts(clean_rows) -> pd.DataFrame:
     from instructflow.templates import load_template
 
     return render_prompts(clean_rows, load_template("alpaca"))
+
+
+def copy_code(dest: Path) -> Path:
+    """The workflow's code (Snakefile, rules, src, config, resources, envs) copied to ``dest``, so a test can
+    edit a stage's code without touching the repository."""
+    dest.mkdir(parents=True)
+    for name in ("Snakefile", "workflow", "src", "config", "resources", "envs"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def train_examples(tmp_path_factory, alpaca_prompts):
+    """The .test rows' training split tokenized by the tiny tokenizer: (Examples, its safetensors path)."""
+    from instructflow.tokenization import tokenize_prompts
+
+    result = tokenize_prompts(alpaca_prompts, build_tokenizer(), max_length=1024)
+    path = tmp_path_factory.mktemp("tokens") / "train.safetensors"
+    result.splits["train"].save(path)
+    return result.splits["train"], path

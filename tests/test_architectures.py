@@ -21,10 +21,7 @@ from instructflow.config import train_settings
 from instructflow.io import read_jsonl
 from instructflow import kernels
 from instructflow.kernels import fused
-from instructflow.tokenization import tokenize_prompts
 from instructflow.train import build_setup, train
-
-from conftest import build_tokenizer
 
 ROWS = list(range(4))  # 4 rows of the .test data: 400-odd tokens, within the tiny models' 512 positions
 TIGHT = {"rel": 1e-5, "abs": 1e-5}
@@ -33,11 +30,8 @@ STEPS = {"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "learning_rate"
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory, alpaca_prompts):
-    result = tokenize_prompts(alpaca_prompts, build_tokenizer(), max_length=1024)
-    path = tmp_path_factory.mktemp("matrix") / "train.safetensors"
-    result.splits["train"].save(path)
-    return result.splits["train"], path
+def examples(train_examples):
+    return train_examples
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TEST_DATA
+from conftest import REPO, TEST_DATA, copy_code
 from instructflow import codedeps
 
 pytestmark = pytest.mark.slow
@@ -43,17 +43,6 @@ CONFIG = {
     "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "precision": "fp32"},
     "runs": {"default": {}},
 }
-
-
-def copy_code(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in ("Snakefile", "workflow", "src", "config", "resources", "envs"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def make_workdir(work: Path, model: Path) -> Path:

@@ -10,22 +10,17 @@ import torch
 
 from instructflow.io import read_jsonl
 from instructflow.templates import bundled_path
-from instructflow.tokenization import tokenize_prompts
 from instructflow.train import train
 
-from conftest import build_tokenizer
 
-METRIC_KEYS = {"step", "loss", "lr", "tokens", "trained_tokens", "elapsed_s"}
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "elapsed_s"}
 BASE = {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1,
         "log_every": 1, "checkpoint_every": 0, "precision": "fp32", "seed": 1}
 
 
 @pytest.fixture(scope="module")
-def train_tokens(tmp_path_factory, alpaca_prompts):
-    result = tokenize_prompts(alpaca_prompts, build_tokenizer(), max_length=1024)
-    path = tmp_path_factory.mktemp("tokens") / "train.safetensors"
-    result.splits["train"].save(path)
-    return path
+def train_tokens(train_examples):
+    return train_examples[1]
 
 
 def _train(tmp_path, model_dir, tokens, name="run", **settings):
@@ -55,7 +50,7 @@ def test_full_training_writes_metrics_and_a_loadable_model(tmp_path, tiny_model_
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         assert METRIC_KEYS <= set(r) and all(isinstance(r[k], (int, float)) for k in METRIC_KEYS)
-        assert 0 < r["trained_tokens"] < r["tokens"]
+        assert 0 < r["trained_tokens"] < r["tokens"] and r["grad_norm"] > 0
     assert [r["trained_tokens"] for r in records] == sorted(r["trained_tokens"] for r in records)
     assert summary["steps"] == 3 and summary["resumed_from_step"] == 0
     assert summary["trained_tokens"] == records[-1]["trained_tokens"]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from architectures import ARCHITECTURES
-from conftest import HAS_COMPILER, REPO, TEST_DATA
+from conftest import HAS_COMPILER, REPO, TEST_DATA, copy_code
 from instructflow.kernels.allocator import find_jemalloc
 
 pytestmark = pytest.mark.slow
@@ -70,17 +70,6 @@ def planned_jobs(code: Path, workdir: Path, *args: str) -> set[tuple[str, str]]:
 
 def _rules_for(jobs, needle: str) -> set[str]:
     return {rule for rule, output in jobs if needle in output}
-
-
-def copy_code(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in ("Snakefile", "workflow", "src", "config", "resources", "envs"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 @pytest.fixture(scope="module")

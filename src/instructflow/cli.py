@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
 DEBUG_ENV = "INSTRUCTFLOW_DEBUG"
 
