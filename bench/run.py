@@ -196,7 +196,7 @@ NOTES = """
 - The 2023 recipe computes 512 positions per row whatever the row's length, in fp32, with logits over
   the whole vocabulary at every position. TRL packs rows (no padding) but still projects every position
   onto the vocabulary. instructflow takes a random sample of rows per step, packs each micro-batch into
-  one row without padding, runs attention row by row (src/instructflow/attention.py: rows of similar
+  one row without padding, runs attention row by row (src/instructflow/kernels/attention.py: rows of similar
   length batched, one gather for all of them, matmul + softmax for short rows with the query heads that
   share a key/value head stacked into one matmul, SDPA's fused kernel for long ones) and builds logits
   only where a response token is predicted, a chunk of rows at a time, turning them into their gradient
@@ -209,13 +209,13 @@ NOTES = """
   (cold or warm caches), so MFU against that peak cannot pass ~0.9 of the matmuls' share. Gradient
   clipping had asked for fp32 norms, which converted every bf16 gradient first: 0.25 s a step (5%); it
   now takes the norms of the bf16 gradients (each rounded to bf16: a clip coefficient within 0.4%).
-- Attention (src/instructflow/attention.py), forward + backward of one layer for 8 packed rows of
+- Attention (src/instructflow/kernels/attention.py), forward + backward of one layer for 8 packed rows of
   59-185 tokens (1,020 tokens, SmolLM2's 9 query and 3 key/value heads, medians of 60 alternating
   runs): 17.8 -> 13.5 ms. The 3 query heads of a key/value head are stacked along the length into one
   matmul (no key/value copies per query head, whose gradients a separate reduction summed); q, k and v
   are split into their row groups where slicing them made every group's backward zero and add a
   full-size gradient; their gather's backward gathers back instead of scatter-adding into zeros.
-- Fused kernels (src/instructflow/fused.py, `train.fused_kernels`, on by default; the row "unfused" is
+- Fused kernels (src/instructflow/kernels/fused.py, `train.advanced.fused_kernels`, on by default; the row "unfused" is
   the same training without them): the elementwise chains between matmuls, RMSNorm, SwiGLU, attention's
   scaled causal softmax and the cross-entropy's softmax, each forward and backward, are compiled by
   torch.compile (inductor, dynamic shapes: one kernel serves every packed length; shapes with one row
@@ -237,20 +237,20 @@ NOTES = """
   size of the embedding (0.11 GB, where fp32 copies of all gradients were 0.54 GB). On top come the
   activations of one micro-batch: for a packed micro-batch of 1,233 tokens transformers' layers keep
   1.19 GB for backward; RMSNorm and SwiGLU layers that recompute their elementwise work in the backward
-  pass (src/instructflow/lean_layers.py) keep 0.79 GB, at the same speed (paired over 10 steps: 332 vs
+  pass (src/instructflow/kernels/lean_layers.py) keep 0.79 GB, at the same speed (paired over 10 steps: 332 vs
   330 tok/s). oneDNN caches a compiled kernel per matmul shape, and packed micro-batches keep bringing
   new lengths: with its default 1,024 entries RSS grew ~50 MB a step; capped at 64 (still every shape of
   one micro-batch) about half that, levelling off after ~20 steps, no slower. glibc's malloc keeps what
   the ever-new sizes free in fragments: over 8 steps its RSS grew from 2.6 to 3.0 GiB while the live heap
   (`mallinfo2`) peaked at 2.22 GiB. Handing it back every step (`malloc_trim`) lowered the peak 0.19 GiB
   but cost 5% of the speed, a fixed 256 KiB mmap threshold cost 27%; neither is used. Training runs on
-  jemalloc instead, preloaded where one is found (src/instructflow/allocator.py; `make setup` fetches
+  jemalloc instead, preloaded where one is found (src/instructflow/kernels/allocator.py; `make setup` fetches
   Debian's libjemalloc2): the row "glibc malloc" is the same training on glibc. jemalloc hands freed
   pages back and faults them in again when it reuses them (~380k minor faults a step against ~120k on
   glibc); in alternating 5-step runs outside the bench glibc did 335-350 tok/s, jemalloc 312-366, so the
   speed difference is within this machine's noise. Told never to hand pages back, jemalloc kept 4.1-4.4
   GiB; tcmalloc peaked at 2.71 GiB. `bf16-kahan`
-  (src/instructflow/kahan.py, torch-optimi's AdamW with Kahan summation) keeps bf16 weights, bf16
+  (src/instructflow/kernels/kahan.py, torch-optimi's AdamW with Kahan summation) keeps bf16 weights, bf16
   moments and a bf16 compensation that carries each update's lost low bits: 10 bytes per parameter
   instead of 16, 0.8 GiB less. Its compensation starts from each weight's bf16 rounding error: started
   from zero, held-out loss after 12 steps was 0.006-0.007 worse (seeds 42 and 1: 0.9155 and 0.9110
@@ -263,7 +263,7 @@ NOTES = """
   in place); without both, building them had raised glibc's peak by 0.3 GiB at the end of training.
 - Full fine-tuning in bf16 runs the model itself in bf16. By default (`auto` where bf16 is native, no
   weight decay) its weights and AdamW state are bf16 and updates Kahan-compensated (`bf16-kahan`); the
-  row "`bf16`" keeps fp32 master weights in the optimiser (src/instructflow/master_weights.py), which
+  row "`bf16`" keeps fp32 master weights in the optimiser (src/instructflow/kernels/master_weights.py), which
   weight decay needs; the row "`bf16-autocast`" is autocast over fp32 weights, TRL's numerics. Paired in
   one process over 9 steps (before the lean layers): autocast 290, bf16 model on masters 334 non-pad
   tok/s (+15%). Held-out loss after 12 steps, masters vs autocast, `--seed 1/2/3` and the default order

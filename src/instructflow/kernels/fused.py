@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-_enabled = True  # train.py sets it from `train.fused_kernels`
+_enabled = True  # kernels.apply sets it from `train.advanced.fused_kernels`
 _functions: list["_Fused"] = []
 
 
@@ -88,7 +88,7 @@ class _Fused:
             self.failed = True
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             warnings.warn(f"instructflow: cannot compile {self.eager.__name__} ({type(err).__name__}: {first_line}); "
-                          "it runs unfused from here on, which is slower. Set train.fused_kernels: false to skip "
+                          "it runs unfused from here on, which is slower. Set train.advanced.fused_kernels: false to skip "
                           "compiling.", RuntimeWarning, stacklevel=2)
             return self.eager(*args)
 
