@@ -119,7 +119,7 @@ def test_plain_and_fast_training_follow_the_same_trajectory(arch, tiny_model_dir
 @pytest.mark.parametrize("arch, reason", [
     ("gpt_neo", "take no registered attention function"),     # the 2023 script's model family
     ("falcon", "take no registered attention function"),
-    ("stablelm", "logits differ"),                            # its decoder layer drops the row boundaries
+    ("stablelm", "do not pass the row boundaries"),           # its decoder layer drops them
     ("gemma2", "soft-caps scores"),
 ])
 def test_row_by_row_attention_falls_back_with_one_warning(arch, reason, tiny_model_dir, examples):

@@ -33,6 +33,10 @@ MATMUL_MAX_LENGTH = 256
 GROUP_LENGTH_RATIO = 1.5
 
 
+# Whether each recent call had row boundaries (use_on checks that every layer gets them).
+_calls: list[bool] = []
+
+
 def forward_kwargs(batch: dict, device) -> dict:
     """What a packed micro-batch passes to the model's forward for this attention: its row boundaries."""
     return segment_kwargs(batch["seq_lens"], device) if batch.get("seq_lens") else {}
@@ -58,8 +62,12 @@ def use_on(model, longest_row: int) -> str | None:
         rows = probe_rows(model)
         reference = rows_alone(model, rows)
         model.set_attn_implementation(register())
+        _calls.clear()
         why = check(lambda: rows_packed(model, rows, **segment_kwargs([len(r) for r in rows], rows[0].device)),
                     reference)
+        if why is None and (not _calls or not all(_calls)):
+            # A layer that drops the row boundaries would run SDPA over the whole packed row instead.
+            why = "its decoder layers do not pass the row boundaries on to the attention"
         if why is not None:
             model.set_attn_implementation(before)
         return why
@@ -175,6 +183,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
     for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)
+    _calls.append(cu_seq_lens_q is not None)
+    del _calls[:-1024]
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("row-by-row attention has no soft-capping or attention sinks")
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
