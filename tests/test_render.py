@@ -12,7 +12,8 @@ TEMPLATES = REPO / "src" / "instructflow" / "prompt_templates"
 
 
 def test_render_prompts_keeps_rows_splits_and_order(clean_rows, alpaca_prompts):
-    assert list(alpaca_prompts.columns) == ["row", "prompt", "response", "split"]
+    assert list(alpaca_prompts.columns) == ["row", "prompt", "response", "split", "prompt_has_special_tokens"]
+    assert not alpaca_prompts["prompt_has_special_tokens"].any()  # a file template adds no special tokens
     assert alpaca_prompts["row"].tolist() == clean_rows["row"].tolist()
     assert alpaca_prompts["split"].tolist() == clean_rows["split"].tolist()
     template = load_template(TEMPLATES / "alpaca.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .io import read_parquet, write_parquet
@@ -17,8 +18,11 @@ def render_prompts(clean: pd.DataFrame, template: Template, tokenizer=None) -> p
         prompt, response = render_row(template, instruction, input_, output, messages=chat, tokenizer=tokenizer)
         prompts.append(prompt)
         responses.append(response)
+    # prompt_has_special_tokens: the chat template's text already holds the model's special tokens
+    # (BOS and all), so tokenize must not add them again; a file template's text holds none.
     return pd.DataFrame({"row": clean["row"].to_numpy(), "prompt": prompts, "response": responses,
-                         "split": clean["split"].to_numpy()})
+                         "split": clean["split"].to_numpy(),
+                         "prompt_has_special_tokens": np.full(len(prompts), template.chat, dtype=bool)})
 
 
 def run_render(clean_path, template_path, out_path, model_dir: str | Path | None = None) -> pd.DataFrame:
