@@ -208,9 +208,9 @@ def set_key(path: str, value):
     ("train.args_file", "args.json", r"^config key train\.args_file: cannot read 'args\.json'"),
     ("model.base", "pkg://no_such_package/m.gguf", r"^config key model\.base: .*'no_such_package' is not installed"),
     ("model.base", "models/tiny.gguf", r"^config key model\.base: .*GGUF file not found"),
-    ("model.base", "./models/tiny", r"^config key model\.base: .*no such file or folder"),
+    ("model.base", "./models/tiny", r"^config key model\.base: .*no such folder"),
     ("runs.sweep", {"model": {"base": "/nonexistent/model"}},
-     r"^config key runs\.sweep\.model\.base: .*no such file or folder"),
+     r"^config key runs\.sweep\.model\.base: .*no such folder"),
 ])
 def test_config_errors_name_the_key(tmp_path, path, value, pattern):
     with pytest.raises(ifconfig.ConfigError, match=pattern):

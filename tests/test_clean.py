@@ -334,6 +334,32 @@ def test_chat_messages_rows(tmp_path):
     assert list(back.columns) == KEPT_COLUMNS
 
 
+def test_openai_content_parts_are_flattened_and_non_text_parts_rejected(tmp_path):
+    """Text parts are concatenated in order, exactly as written, never JSON-dumped into the text; a row
+    with an image (or any non-text part) is rejected with a reason, never trained without its image."""
+    recs = [
+        {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                      {"role": "user", "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "2+2."}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                   {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+                      {"role": "assistant", "content": "A cat."}]},
+    ]
+    p = tmp_path / "parts.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in recs), encoding="utf-8")
+    for res in (clean_table(read_table(p), source=str(p)),
+                clean_table(pd.DataFrame({"messages": [json.dumps(r["messages"]) for r in recs]}), source="m.csv")):
+        check_invariant(res)
+        row = res.kept.iloc[0]
+        assert (row["instruction"], row["output"]) == ("Add 2+2.", "4")
+        assert json.loads(row["messages"]) == [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Add 2+2."},
+                                               {"role": "assistant", "content": "4"}]
+        assert res.rejected["reason"].tolist() == ["non_text_content"]
+        assert "turn 1 content part 2 is 'image_url'" in res.rejected["detail"].iloc[0]
+        assert res.report["rejected_by_reason"] == {"non_text_content": 1}
+
+
 def test_sharegpt_conversations(tmp_path):
     recs = [{"id": "a", "conversations": [
         {"from": "system", "value": "sys"},

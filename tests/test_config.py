@@ -100,8 +100,38 @@ def test_template_file_path_and_key(workdir):
     (workdir / "mine.yaml").write_text("prompt_input: a\nprompt_no_input: b\n")
     _, runs = _load(workdir, template="mine.yaml")
     assert runs["default"]["template_path"] == str((workdir / "mine.yaml").resolve())
-    assert template_key("mine.yaml") == template_key("sub/mine.yaml") == "mine"
+    key = runs["default"]["template_key"]
+    assert key.startswith("mine-") and len(key) == len("mine-") + 8
+    assert template_key("mine.yaml", workdir / "mine.yaml") == key
     assert template_key("alpaca") == "alpaca"
+
+
+def test_same_named_templates_get_different_keys_and_one_template_one_key(workdir):
+    """A user's my/alpaca.yaml beside the bundled alpaca, and two files called t.yaml: every run renders
+    its own template's prompts; the same file (or the same bytes) twice is one key."""
+    (workdir / "my").mkdir()
+    (workdir / "my" / "alpaca.yaml").write_text("prompt_input: A {instruction} {input}\nprompt_no_input: A {instruction}\n")
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    (workdir / "a" / "t.yaml").write_text("prompt_input: a {instruction}\nprompt_no_input: a\n")
+    (workdir / "b" / "t.yaml").write_text("prompt_input: b {instruction}\nprompt_no_input: b\n")
+    _, runs = _load(workdir, runs={"bundled": {"template": "alpaca"}, "mine": {"template": "my/alpaca.yaml"},
+                                   "ta": {"template": "a/t.yaml"}, "tb": {"template": "b/t.yaml"},
+                                   "ta2": {"template": "./a/t.yaml"}})
+    keys = {name: run["template_key"] for name, run in runs.items()}
+    assert keys["bundled"] == "alpaca" and keys["mine"].startswith("alpaca-") and keys["mine"] != "alpaca"
+    assert keys["ta"] != keys["tb"] and keys["ta"].startswith("t-") and keys["tb"].startswith("t-")
+    assert keys["ta2"] == keys["ta"]
+    _, again = _load(workdir, runs={"mine": {"template": "my/alpaca.yaml"}})
+    assert again["mine"]["template_key"] == keys["mine"]
+    # The workflow's key -> file table (common.smk's TEMPLATES) maps each key to its own file.
+    table = {run["template_key"]: run["template_path"] for run in runs.values()}
+    assert table[keys["mine"]] == str((workdir / "my" / "alpaca.yaml").resolve())
+    assert table[keys["tb"]] == str((workdir / "b" / "t.yaml").resolve())
+    # Editing the file gives a new key, so the old rendered prompts are never reused for it.
+    (workdir / "my" / "alpaca.yaml").write_text("prompt_input: B {instruction}\nprompt_no_input: B\n")
+    _, edited = _load(workdir, runs={"mine": {"template": "my/alpaca.yaml"}})
+    assert edited["mine"]["template_key"] != keys["mine"]
 
 
 def test_args_file_maps_training_arguments(workdir):

@@ -55,8 +55,36 @@ def test_spec_resolution_errors_are_clear(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelSpecError, match="no config.json"):
         resolve_source(str(tmp_path / "folder"))
-    with pytest.raises(ModelSpecError, match="no such file or folder"):
+    with pytest.raises(ModelSpecError, match="no such folder"):
         resolve_source(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("spec", ["./x", "/abs/path/model", "~/no-such-model-xyz", "a/b/c", "models/smol"])
+def test_a_missing_local_path_is_an_error_not_a_hub_id(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # models/ exists here, so models/smol means a folder in it
+    with pytest.raises(ModelSpecError, match=r"no such folder: .*; give a save_pretrained folder, a \.gguf file, "
+                                             r"pkg://\.\.\., or a Hub id like org/name"):
+        resolve_source(spec)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelSpecError, match="is a file, not a folder"):
+        resolve_source("./file")
+
+
+def test_org_name_without_a_local_folder_stays_a_hub_id_and_its_fetch_error_says_so(tmp_path, monkeypatch):
+    import instructflow.prepare_model as pm
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("models/smol").kind == "hub"  # no models/ here: an org/name Hub id
+    assert resolve_source("gpt2").kind == "hub"
+
+    def offline(source, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {source.location}")
+
+    monkeypatch.setattr(pm, "load_source", offline)
+    with pytest.raises(ModelSpecError, match=r"cannot fetch it from the Hugging Face Hub: OSError: .*; no local "
+                                             r"folder 'models/smol' exists either"):
+        prepare_model("models/smol", tmp_path / "out")
 
 
 def test_spec_kinds(tmp_path, tiny_model_dir):

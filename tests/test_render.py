@@ -12,7 +12,8 @@ TEMPLATES = REPO / "src" / "instructflow" / "prompt_templates"
 
 
 def test_render_prompts_keeps_rows_splits_and_order(clean_rows, alpaca_prompts):
-    assert list(alpaca_prompts.columns) == ["row", "prompt", "response", "split"]
+    assert list(alpaca_prompts.columns) == ["row", "prompt", "response", "split", "prompt_has_special_tokens"]
+    assert not alpaca_prompts["prompt_has_special_tokens"].any()  # a file template adds no special tokens
     assert alpaca_prompts["row"].tolist() == clean_rows["row"].tolist()
     assert alpaca_prompts["split"].tolist() == clean_rows["split"].tolist()
     template = load_template(TEMPLATES / "alpaca.yaml")
@@ -43,3 +44,32 @@ def test_run_render_file_template_needs_no_model(tmp_path, clean_rows):
     rendered = run_render(tmp_path / "clean.parquet", TEMPLATES / "alpaca_pl.yaml", tmp_path / "pl.parquet")
     assert read_parquet(tmp_path / "pl.parquet").equals(rendered)
     assert rendered["prompt"].str.startswith("Poniżej").all()
+
+
+def test_file_template_counts_the_chat_turns_it_leaves_out(tmp_path, capsys):
+    """Under a non-chat template a chat row keeps only its last user and assistant turns: the system
+    prompt and earlier turns it leaves out are counted and named in the render log, never lost unseen."""
+    import json
+
+    import pandas as pd
+
+    from instructflow.render import render_prompts
+
+    def chat(*turns):
+        return json.dumps([{"role": r, "content": c} for r, c in turns])
+
+    clean = pd.DataFrame({
+        "row": [1, 2], "instruction": ["2+2?", "Hi"], "input": ["", ""], "output": ["4", "Hello"],
+        "messages": [chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "2+2?"),
+                          ("assistant", "4")),
+                     chat(("user", "Hi"), ("assistant", "Hello"))],
+        "split": ["train", "train"]})
+    rendered = render_prompts(clean, load_template("alpaca"))
+    assert rendered.attrs == {"chat_rows_cut": 1, "chat_turns_dropped": 3}
+    assert "Be brief." not in rendered["prompt"].iloc[0] and "2+2?" in rendered["prompt"].iloc[0]
+    write_parquet(tmp_path / "clean.parquet", clean)
+    run_render(tmp_path / "clean.parquet", TEMPLATES / "alpaca.yaml", tmp_path / "out.parquet")
+    log = capsys.readouterr().err
+    assert "chat_turns_dropped=3 in chat_rows_cut=1 of 2 rows" in log and "template: chat" in log
+    # Alpaca rows (no messages) lose nothing and log nothing.
+    assert render_prompts(clean.assign(messages=""), load_template("alpaca")).attrs["chat_turns_dropped"] == 0

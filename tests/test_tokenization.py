@@ -163,3 +163,57 @@ def test_run_tokenize_writes_loadable_splits_and_refuses_a_broken_audit(tmp_path
     with pytest.raises(AuditError, match="rows_missing_eos=3"):
         run_tokenize(tmp_path / "prompts.parquet", model_dir, *paths, max_length=1024)
     assert paths[3].exists() and not paths[0].exists()
+
+
+BOS = "<s>"
+
+
+def _bos_tokenizer():
+    """conftest's tokenizer with a BOS the post-processor adds (add_special_tokens=True), as Llama's does,
+    and a chat template that writes the BOS itself, as real ones do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CHAT_TEMPLATE, PAD, _corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS, PAD, BOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS, unk_token=None,
+                                   chat_template="{{ bos_token }}" + CHAT_TEMPLATE)
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_exactly_one_bos_starts_every_row(clean_rows, template):
+    """The chat template's text already holds the BOS: tokenize must not add a second one; a file
+    template's text holds none, and the tokenizer adds its own."""
+    from instructflow.render import render_prompts
+    from instructflow.templates import load_template
+
+    tok = _bos_tokenizer()
+    bos = tok.bos_token_id
+    assert tok("x")["input_ids"][0] == bos  # the tokenizer does add a BOS
+    prompts = render_prompts(clean_rows, load_template(template), tokenizer=tok)
+    assert prompts["prompt_has_special_tokens"].tolist() == [template == "chat"] * len(prompts)
+    if template == "chat":
+        assert prompts["prompt"].str.startswith(BOS).all()
+    result = tokenize_prompts(prompts, tok, max_length=4096)
+    assert result.audit["rows_kept"] == len(prompts)
+    for examples in result.splits.values():
+        for _, ids, _, _ in _rows(examples):
+            ids = ids.tolist()
+            assert ids[0] == bos and ids.count(bos) == 1, tok.decode(ids[:8])
+    check_audit(result.audit)
+
+
+def test_prompts_without_the_marker_column_keep_the_tokenizers_special_tokens(alpaca_prompts):
+    """Prompts written before render marked chat rows: every prompt gets the tokenizer's special tokens."""
+    tok = _bos_tokenizer()
+    old = alpaca_prompts.drop(columns=["prompt_has_special_tokens"])
+    result = tokenize_prompts(old, tok, max_length=4096)
+    first = result.splits["train"].get(0)[0].tolist()
+    assert first[0] == tok.bos_token_id and first.count(tok.bos_token_id) == 1

@@ -3,6 +3,7 @@ accumulation invariance, packing, and resuming from a checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -58,6 +59,11 @@ def test_full_training_writes_metrics_and_a_loadable_model(tmp_path, tiny_model_
 
     out = run / "model"
     assert (out / "instructflow_template.yaml").read_text() == template.read_text()
+    # The exported folder records the template's file name and content hash, no local absolute path.
+    record = json.loads((out / "instructflow_training.json").read_text())
+    assert "template_path" not in record and str(tmp_path) not in json.dumps(record) and str(template) not in json.dumps(record)
+    assert record["template"] == "alpaca.yaml"
+    assert record["template_sha256"] == hashlib.sha256(template.read_bytes()).hexdigest()
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -493,8 +493,26 @@ def _split_of(instruction: str, input_: str, output: str, eval_fraction: float) 
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
-def _parse_chat(value: Any) -> tuple[list[dict] | None, str, int]:
-    """(normalised turns up to the last assistant turn, or None with a reason; mojibake repairs)."""
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # the Chat Completions and Responses APIs' text parts
+
+
+def _text_of_parts(parts: list, turn: int) -> tuple[str | None, str]:
+    """OpenAI-style content parts (``[{"type": "text", "text": "..."}, ...]``) -> their texts concatenated
+    in order, exactly as written (no separator added); None and why for a part that is not text (an
+    image, audio, a file): this pipeline trains text only, and dropping the part would change the row."""
+    texts = []
+    for j, part in enumerate(parts, start=1):
+        kind = part.get("type", "text" if "text" in part else None) if isinstance(part, dict) else type(part).__name__
+        if kind not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+            return None, (f"turn {turn} content part {j} is {kind!r}, not text: only text parts can be trained; "
+                          "remove the row's non-text parts or the row")
+        texts.append(part["text"])
+    return "".join(texts), ""
+
+
+def _parse_chat(value: Any) -> tuple[list[dict] | None, str | tuple[str, str], int]:
+    """(normalised turns up to the last assistant turn, or None with why: a detail of reason bad_chat,
+    or a (reason, detail) pair; mojibake repairs)."""
     if isinstance(value, str):
         if not value.strip():
             return None, "no turns", 0
@@ -514,6 +532,10 @@ def _parse_chat(value: Any) -> tuple[list[dict] | None, str, int]:
             return None, f"turn {i} lacks role/content (or from/value)", 0
         role_n = str(role).strip().lower()
         role_n = ROLE_MAP.get(role_n, role_n)
+        if isinstance(content, list):  # OpenAI-style content parts
+            content, why = _text_of_parts(content, i)
+            if content is None:
+                return None, ("non_text_content", why), 0
         text, fixed = _normalise(_raw_str(content), keep_indent=role_n == "assistant")
         repairs += fixed
         turns.append({"role": role_n, "content": text})
@@ -567,7 +589,7 @@ def clean_table(
         if chat:
             turns, why, fixes = _parse_chat(raw_messages)
             if turns is None:
-                reject("bad_chat", why)
+                reject(*(why if isinstance(why, tuple) else ("bad_chat", why)))
                 continue
             mojibake_repaired += fixes
             last_user = next((t["content"] for t in reversed(turns[:-1]) if t["role"] == "user"), "")

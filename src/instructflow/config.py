@@ -156,7 +156,7 @@ def train_settings(settings: dict) -> dict:
 
 
 def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
-    """Run name -> {"model": {...}, "model_key", "template", "template_path", "train": {...}}."""
+    """Run name -> {"model": {...}, "model_key", "template", "template_path", "template_key", "train": {...}}."""
     from .prepare_model import model_key  # imports torch: only where runs are resolved, not for defaults()
 
     runs = {}
@@ -174,10 +174,11 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
                               f"micro_batch_size x processes ({train['micro_batch_size']} x {train['processes']})")
         run["train"] = train
         run["template_path"] = str(template_path(run["template"], workdir))
+        run["template_key"] = template_key(run["template"], run["template_path"])
         run["model_key"] = model_key(run["model"]["base"])
         model_config_key = f"runs.{name}.model.base" if "base" in ((override or {}).get("model") or {}) else "model.base"
         check_model(run["model"]["base"], model_config_key, workdir)
-        for key, value in ((model_config_key, run["model_key"]), ("template", template_key(run["template"]))):
+        for key, value in ((model_config_key, run["model_key"]), ("template", run["template_key"])):
             check_folder_name(key, value)
         runs[name] = run
     keys: dict[str, str] = {}
@@ -220,9 +221,25 @@ def check_model(spec: str, key: str, workdir: Path) -> None:
                                   "give a folder written by save_pretrained")
 
 
-def template_key(template: str) -> str:
-    """The {template} wildcard: a bundled name, or a user file's stem."""
-    return template if is_bundled_name(template) else Path(template).stem
+def template_key(template: str, path: str | Path | None = None) -> str:
+    """The {template} wildcard: a bundled name as it is ("alpaca"); a user file's stem, "-", and the first
+    8 hex digits of the sha256 of its bytes ("alpaca-1a2b3c4d"). Two files of one name (a user's
+    ``my/alpaca.yaml`` beside the bundled ``alpaca``, or ``a/t.yaml`` beside ``b/t.yaml``) then never share
+    one rendered-prompts file, and one file always gets the same key. ``path``: the file to hash (default
+    ``template`` itself, relative to the working directory)."""
+    if is_bundled_name(template):
+        return template
+    return f"{Path(template).stem}-{template_digest(path or template)}"
+
+
+def template_digest(path: str | Path) -> str:
+    """The first 8 hex digits of the sha256 of a template file's bytes."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+    except OSError as err:
+        raise ConfigError(f"config key template: cannot read {str(path)!r}: {err}") from None
 
 
 def check_inputs(config: dict, workdir: Path = Path(".")) -> None:

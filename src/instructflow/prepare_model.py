@@ -54,9 +54,28 @@ def resolve_source(spec: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"model.base = {spec!r}: folder has no config.json (not a save_pretrained folder)")
         return ModelSource("folder", str(path.resolve()))
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelSpecError(f"model.base = {spec!r}: no such file or folder")
+    if looks_like_path(spec):
+        what = "is a file, not a folder" if path.exists() else "no such folder"
+        raise ModelSpecError(f"model.base = {spec!r}: {what}: {path.absolute()}; {SPEC_KINDS}")
     return ModelSource("hub", spec)
+
+
+SPEC_KINDS = "give a save_pretrained folder, a .gguf file, pkg://..., or a Hub id like org/name"
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether a spec that names no existing folder is still meant as a local path: it starts with ".",
+    "/" or "~", has more than one "/" (a Hub id is ``name`` or ``org/name``), or is ``dir/name`` where
+    the folder ``dir/`` exists here. Only then is a missing folder an error rather than a Hub id."""
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).is_dir()
+
+
+def _hub_error(spec: str, err: Exception) -> ModelSpecError:
+    local = f"; no local folder {spec!r} exists either (in {Path.cwd()})" if "/" in spec else ""
+    return ModelSpecError(f"model.base = {spec!r}: cannot fetch it from the Hugging Face Hub: "
+                          f"{type(err).__name__}: {err}{local}; {SPEC_KINDS}")
 
 
 def model_key(spec: str) -> str:
@@ -101,7 +120,12 @@ def prepare_model(spec: str, out_dir: str | Path, *, trust_remote_code: bool = F
     from .io import write_json  # here, not at the top: config.py imports this module while Snakemake parses
 
     source = resolve_source(spec)
-    model, tokenizer = load_source(source, trust_remote_code=trust_remote_code)
+    try:
+        model, tokenizer = load_source(source, trust_remote_code=trust_remote_code)
+    except OSError as err:  # transformers raises OSError (or a subclass) for a repository it cannot fetch
+        if source.kind != "hub":
+            raise
+        raise _hub_error(spec, err) from err
     if source.kind == "gguf":
         model = _plain_copy(model)
     if tokenizer.pad_token is None:

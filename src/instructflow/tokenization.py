@@ -54,7 +54,14 @@ def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int,
             return []
         return tokenizer(list(texts), add_special_tokens=special, return_attention_mask=False)["input_ids"]
 
+    # A chat template's text already carries the model's special tokens (its BOS, role markers):
+    # render marks those rows (prompt_has_special_tokens) and they are encoded without adding them
+    # again, as apply_chat_template(tokenize=True) does; a file template's text gets the tokenizer's own.
     prompt_ids = encode(prompts["prompt"], True)
+    if "prompt_has_special_tokens" in prompts and len(prompts):
+        marked = np.flatnonzero(prompts["prompt_has_special_tokens"].to_numpy(dtype=bool))
+        for i, ids in zip(marked, encode(prompts["prompt"].iloc[marked], False)):
+            prompt_ids[i] = ids
     response_ids = encode(prompts["response"], False)
 
     per_split: dict[str, tuple[list, list, list]] = {}

@@ -285,7 +285,9 @@ def export(setup: TrainingSetup, model_dir: Path, out_dir: Path, settings: dict)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
         if settings.get("template_path"):
             shutil.copy(settings["template_path"], tmp / "instructflow_template.yaml")
-        write_json(tmp / "instructflow_training.json", settings)
+        write_json(tmp / "instructflow_training.json", {  # the template's file name and hash, not its local path
+            **{k: v for k, v in settings.items() if k != "template_path"}, **({"template": Path(settings["template_path"]).name,
+            "template_sha256": hashlib.sha256(Path(settings["template_path"]).read_bytes()).hexdigest()} if settings.get("template_path") else {})})
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type

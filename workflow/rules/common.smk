@@ -22,7 +22,7 @@ from instructflow.launch import accelerate_configs, process_count
 from instructflow.templates import load_template
 
 CONFIG, RUNS = ifconfig.load(config, Path.cwd())
-TEMPLATES = {ifconfig.template_key(r["template"]): r["template_path"] for r in RUNS.values()}
+TEMPLATES = {r["template_key"]: r["template_path"] for r in RUNS.values()}  # key -> file (config.template_key)
 MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
 
 
@@ -34,7 +34,7 @@ wildcard_constraints:
 
 def run_paths(run):
     r = RUNS[run]
-    return {"model": r["model_key"], "template": ifconfig.template_key(r["template"])}
+    return {"model": r["model_key"], "template": r["template_key"]}
 
 
 def get_template(wildcards):
