@@ -84,7 +84,7 @@ def test_deployed_module_plans_every_rule_from_its_own_code(user, code):
     src = code / "src" / "instructflow"
     assert str(src / "cli.py") in out and str(REPO / "src") not in out  # code inputs: the module's own files
     assert str(src / "accelerate" / "default.yaml") in out
-    assert f"--template '{code / 'resources' / 'templates' / 'alpaca.yaml'}'" in out  # quoted: a space in it
+    assert f"--template '{src / 'prompt_templates' / 'alpaca.yaml'}'" in out  # quoted: a space in it
 
 
 ENV_PROBE = """
