@@ -145,7 +145,31 @@ def test_partial_write_and_other_runs_checkpoints_are_ignored(tmp_path):
     assert latest_valid(tmp_path, "fp", log=lambda _: None)["step"] == 10
     save(tmp_path, 40)
     assert not partial.exists()  # the next write clears what a killed one left
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000030", "step-00000040"]  # keep=2
+    # keep=2 per fingerprint: this run's 10 and 40, the other run's 30
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000030", "step-00000040"]
+
+
+def test_retention_never_deletes_this_runs_checkpoints_for_an_older_runs_higher_steps(tmp_path):
+    # An older run (other settings) got to step 90 and left its checkpoints; a new run starts over.
+    for step in (80, 90):
+        save(tmp_path, step, fingerprint="older run")
+    for step in (10, 20, 30):
+        save(tmp_path, step, fingerprint="new run")
+        assert latest_valid(tmp_path, "new run", log=lambda _: None)["step"] == step
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-00000020", "step-00000030", "step-00000080", "step-00000090"]
+    assert latest_valid(tmp_path, "older run", log=lambda _: None)["step"] == 90
+
+
+def test_a_torn_last_line_of_the_metrics_log_does_not_stop_a_resume(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    with pytest.warns(RuntimeWarning, match="skipping damaged line 3"):
+        train_module.start_log(log, 2)
+    assert read_jsonl(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9}]
+    log.write_text('{"step": 1, "lo\n')
+    with pytest.raises(ValueError):  # elsewhere a damaged file still raises
+        read_jsonl(log)
 
 
 def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
