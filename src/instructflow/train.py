@@ -320,9 +320,11 @@ def peak_rss_mb() -> float:
 class StopSignals:
     """SIGTERM (SLURM's warning before the time limit, a scheduler's preemption) and SIGINT (Ctrl-C) while
     the loop runs: remembered, so the loop finishes its step, writes a checkpoint and stops. A second
-    signal of the same kind gets the handler that was there before (Ctrl-C twice: stop now; checkpoints
-    are atomic, so that loses at most the one being written). Installed only inside ``with``, and only in
-    the main thread (Python's rule); the old handlers come back on exit."""
+    SIGINT gets the handler that was there before (Ctrl-C twice: stop now; checkpoints are atomic, so that
+    loses at most the one being written). Further SIGTERMs are ignored: on SLURM one comes from the
+    scheduler to every process of the job step and more from the launcher and Snakemake passing theirs on,
+    and the scheduler sends SIGKILL itself when its grace time is up. Installed only inside ``with``, and
+    only in the main thread (Python's rule); the old handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -331,15 +333,17 @@ class StopSignals:
         self._old: dict = {}
 
     def _handle(self, signum, frame):
-        if self.received == signum:
+        if self.received == signum == signal.SIGINT:
             old = self._old.get(signum)
+            old = signal.SIG_DFL if old is None else old
             signal.signal(signum, old)
             if callable(old):
                 old(signum, frame)
             else:
                 signal.raise_signal(signum)
             return
-        self.received = signum
+        if self.received is None:
+            self.received = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
