@@ -242,3 +242,29 @@ def test_fingerprint_follows_content_not_timestamps(tmp_path):
     (model / "model-00002-of-00002.safetensors").write_bytes(b"b")
     assert fingerprint(BASE, setup, tokens, model) == first
     assert fingerprint(BASE, SimpleNamespace(applied={"precision_mode": "bf16-masters"}), tokens, model) != first
+
+
+def test_fingerprint_cache_skips_unchanged_files_and_sees_an_in_place_edit(tmp_path, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from instructflow import train as train_module
+
+    tokens, model, cache = tmp_path / "train.safetensors", tmp_path / "model", tmp_path / "work" / "hashes.json"
+    model.mkdir()
+    tokens.write_bytes(b"tokens")
+    (model / "model.safetensors").write_bytes(b"weights")
+    setup = SimpleNamespace(applied={})
+    read = []
+    real = train_module._file_sha256
+    monkeypatch.setattr(train_module, "_file_sha256", lambda path: read.append(path.name) or real(path))
+    first = train_module.fingerprint(BASE, setup, tokens, model, cache=cache)
+    assert sorted(read) == ["model.safetensors", "train.safetensors"]
+    read.clear()
+    assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) == first and read == []
+    stat = tokens.stat()
+    tokens.write_bytes(b"tokenz")
+    os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime put back: ctime still moved
+    assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) != first and read == ["train.safetensors"]
+    cache.write_text("{torn")  # a damaged cache is only a cache
+    assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) != first

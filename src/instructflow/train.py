@@ -156,13 +156,43 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(settings: dict, setup: TrainingSetup, train_path: Path, model_dir: Path) -> str:
+def content_sha256(path: Path, cache: Path | None = None) -> str:
+    """The file's SHA-256, remembered in ``cache`` (JSON in the work folder) under its size, mtime, ctime
+    and inode: a file untouched since is not read again (a 7B model is 14 GB), and any write changes ctime,
+    which no one can set back, so a file edited in place is hashed afresh even with its mtime restored."""
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    known = {}
+    if cache is not None:
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        entry = known.get(key) if isinstance(known, dict) else None
+        if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+    value = _file_sha256(path)
+    if cache is not None:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"stat": stamp, "sha256": value}
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # one per process: ranks never collide
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:  # only a cache: the next run hashes again
+            tmp.unlink(missing_ok=True)
+    return value
+
+
+def fingerprint(settings: dict, setup: TrainingSetup, train_path: Path, model_dir: Path,
+                cache: Path | None = None) -> str:
     """Settings + what was applied (the resolved precision among it) + the content of the token file and
     of the base model's weight files: a file touched but identical resumes, an edited one starts over."""
     digest = hashlib.sha256(json.dumps([settings, setup.applied], sort_keys=True, default=str).encode())
-    files = [train_path, *sorted(Path(model_dir).glob("*.safetensors"))]
+    files = [Path(train_path), *sorted(Path(model_dir).glob("*.safetensors"))]
     for path in files:
-        content = _file_sha256(path) if path.is_file() else "missing"
+        content = content_sha256(path, cache) if path.is_file() else "missing"
         digest.update(f"{path.name}:{content}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -402,7 +432,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     total = settings["max_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
         s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
-    fp = fingerprint(settings, setup, train_path, model_dir)
+    fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json")
     progress = resume(setup, scheduler, workdir, fp, accelerator.print)
     log_path = workdir / "metrics.jsonl"
     if accelerator.is_main_process:
