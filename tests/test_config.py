@@ -212,3 +212,31 @@ def test_bundled_templates_by_name():
     assert bundled_path("chat").parent.name == "prompt_templates"
     with pytest.raises(TemplateError, match=r"unknown template 'alpacca' \(bundled: alpaca, alpaca_pl, chat"):
         load_template("alpacca")
+
+
+def test_args_file_keys_that_are_not_mapped_stop_the_run(workdir):
+    (workdir / "unmapped.json").write_text(json.dumps({
+        "max_steps": 5, "fp16": True, "gradient_checkpointing": True, "output_dir": "x", "report_to": "none"}))
+    with pytest.raises(ConfigError) as err:
+        _load(workdir, train={"args_file": "unmapped.json"})
+    message = str(err.value)
+    assert "'unmapped.json'" in message and "fp16, gradient_checkpointing" in message
+    assert "output_dir" not in message.split("sets", 1)[1].split("which")[0]  # bookkeeping is accepted
+    assert "remove those keys" in message
+
+
+def test_args_file_bookkeeping_keys_are_accepted(workdir):
+    from instructflow.config import IGNORED_TRAINING_ARGUMENTS
+
+    (workdir / "book.json").write_text(json.dumps({"max_steps": 5, **{k: "x" for k in IGNORED_TRAINING_ARGUMENTS}}))
+    _, runs = _load(workdir, train={"args_file": "book.json"})
+    assert runs["default"]["train"]["max_steps"] == 5
+
+
+def test_args_file_epochs_without_max_steps_is_refused(workdir):
+    (workdir / "epochs3.json").write_text(json.dumps({"num_train_epochs": 3}))
+    with pytest.raises(ConfigError, match="epochs is not supported yet: set max_steps"):
+        _load(workdir, train={"args_file": "epochs3.json"})
+    (workdir / "epochs3.json").write_text(json.dumps({"num_train_epochs": 3, "max_steps": -1}))
+    with pytest.raises(ConfigError, match="num_train_epochs without a positive max_steps"):
+        _load(workdir, train={"args_file": "epochs3.json"})

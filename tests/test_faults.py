@@ -94,6 +94,74 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(job, tmp_pat
     assert max(float((tuned[k] - ref[k]).abs().max()) for k in ref) <= LOSS_TOLERANCE
 
 
+def metric_lines(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_checkpoints_the_step_and_the_rerun_matches_an_uninterrupted_run(job, tmp_path):
+    k = random.Random(20261202).randint(3, 60)  # the step to signal after (fixed seed: reproducible)
+    reference = start_training(job, tmp_path / "reference")
+    out = tmp_path / "stopped"
+    proc = start_training(job, out)
+    log = out / "checkpoints" / "metrics.jsonl"
+    while metric_lines(log) < k:
+        assert proc.poll() is None, "training ended before the signal:\n" + proc.stdout.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # on SLURM the launcher and Snakemake pass theirs on too: still one stop
+    output = proc.communicate()[0]
+    assert proc.returncode == 1, output
+    [line] = [line for line in output.splitlines() if "stopped by SIGTERM" in line]
+    ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert ckpt["step"] >= k  # the step running when the signal came, or the next: none lost
+    assert f"stopped by SIGTERM after step {ckpt['step']} of {SETTINGS['max_steps']}" in line
+    assert f"step-{ckpt['step']:08d}" in line and "rerun to resume" in line
+    assert ckpt["step"] < SETTINGS["max_steps"], "signalled too late to test resuming"
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+    rerun = start_training(job, out)
+    assert rerun.wait() == 0, rerun.stdout.read()
+    assert reference.wait() == 0, reference.stdout.read()
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == ckpt["step"]
+    got, want = losses(out / "metrics.jsonl"), losses(tmp_path / "reference" / "metrics.jsonl")
+    assert list(got) == list(range(1, SETTINGS["max_steps"] + 1))
+    assert max(abs(got[s] - want[s]) for s in got) <= LOSS_TOLERANCE
+    tuned = load_file(str(out / "model" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
+    assert max(float((tuned[k] - ref[k]).abs().max()) for k in ref) <= LOSS_TOLERANCE
+
+
+def test_sigint_in_process_stops_after_the_step_and_restores_the_old_handlers(job, tmp_path, monkeypatch, capsys):
+    real_loss = train_module.response_loss_sum
+    calls = []
+
+    def loss_then_ctrl_c(model, ids, labels, pos, **kwargs):  # one micro-batch per step: call 3 is step 3
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(model, ids, labels, pos, **kwargs)
+
+    monkeypatch.setattr(train_module, "response_loss_sum", loss_then_ctrl_c)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    settings = {**SETTINGS, "max_steps": 6, "checkpoint_every": 0, "advanced": {"fast_path": False}}
+    code, err = run_main(job, tmp_path, settings, capsys)
+    assert code == 1
+    assert f"stopped by SIGINT after step 3 of 6; checkpoint written to {tmp_path / 'checkpoints' / 'step-00000003'}" \
+        in err and "rerun to resume" in err
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    assert [r["step"] for r in read_jsonl(tmp_path / "checkpoints" / "metrics.jsonl")] == [1, 2, 3]
+    monkeypatch.setattr(train_module, "response_loss_sum", real_loss)
+    code, err = run_main(job, tmp_path, settings, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] == 3
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 def save(folder: Path, step: int, value: float = 1.0, fingerprint: str = "fp", **kw) -> Path:
@@ -145,7 +213,31 @@ def test_partial_write_and_other_runs_checkpoints_are_ignored(tmp_path):
     assert latest_valid(tmp_path, "fp", log=lambda _: None)["step"] == 10
     save(tmp_path, 40)
     assert not partial.exists()  # the next write clears what a killed one left
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000030", "step-00000040"]  # keep=2
+    # keep=2 per fingerprint: this run's 10 and 40, the other run's 30
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000030", "step-00000040"]
+
+
+def test_retention_never_deletes_this_runs_checkpoints_for_an_older_runs_higher_steps(tmp_path):
+    # An older run (other settings) got to step 90 and left its checkpoints; a new run starts over.
+    for step in (80, 90):
+        save(tmp_path, step, fingerprint="older run")
+    for step in (10, 20, 30):
+        save(tmp_path, step, fingerprint="new run")
+        assert latest_valid(tmp_path, "new run", log=lambda _: None)["step"] == step
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-00000020", "step-00000030", "step-00000080", "step-00000090"]
+    assert latest_valid(tmp_path, "older run", log=lambda _: None)["step"] == 90
+
+
+def test_a_torn_last_line_of_the_metrics_log_does_not_stop_a_resume(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    with pytest.warns(RuntimeWarning, match="skipping damaged line 3"):
+        train_module.start_log(log, 2)
+    assert read_jsonl(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9}]
+    log.write_text('{"step": 1, "lo\n')
+    with pytest.raises(ValueError):  # elsewhere a damaged file still raises
+        read_jsonl(log)
 
 
 def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
@@ -185,6 +277,51 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(job, tmp_pat
     assert load_checkpoint(ckpt)["step"] == 5
     assert torch.isfinite(load_checkpoint(ckpt)["trainable"]["model.embed_tokens.weight"]).all()
     assert not (tmp_path / "model").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_non_finite_gradients_with_a_finite_loss_stop_before_the_step(job, tmp_path, monkeypatch, capsys):
+    real_loss = train_module.response_loss_sum
+    calls = []
+
+    def loss_with_inf_gradients(model, ids, labels, pos, **kwargs):  # call 7 is step 7
+        calls.append(1)
+        loss, count = real_loss(model, ids, labels, pos, **kwargs)
+        if len(calls) >= 7:
+            loss.register_hook(lambda grad: grad * float("inf"))  # the value stays finite
+        return loss, count
+
+    monkeypatch.setattr(train_module, "response_loss_sum", loss_with_inf_gradients)
+    settings = {**SETTINGS, "max_steps": 10, "checkpoint_every": 5, "advanced": {"fast_path": False}}
+    code, err = run_main(job, tmp_path, settings, capsys)
+    assert code == 1
+    assert "gradient norm became" in err and "at step 7" in err and "was finite" in err
+    assert "last good checkpoint" in err and "learning_rate" in err
+    [ckpt] = list_checkpoints(tmp_path / "checkpoints")
+    assert load_checkpoint(ckpt)["step"] == 5
+    assert not (tmp_path / "model").exists() and not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["plain", "masters"])
+def test_precision_strategies_refuse_a_non_finite_gradient_before_stepping(strategy):
+    from instructflow.kernels.master_weights import Masters
+    from instructflow.precision import NonFiniteGradient, Plain
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    precision = Plain(model, lr=0.1, weight_decay=0.0, autocast=False) if strategy == "plain" else \
+        Masters(model, lr=0.1, weight_decay=0.0)
+    before = {k: v.clone() for k, v in precision.state_dict()["trainable"].items()}
+    model(torch.randn(2, 4, dtype=next(model.parameters()).dtype)).float().sum().backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteGradient):
+        precision.step(1.0)
+    after = precision.state_dict()
+    assert all(torch.equal(before[k], after["trainable"][k]) for k in before)
+    assert not after["optimizer"]["state"]  # the optimiser never stepped
+    for p in model.parameters():
+        p.grad = None
+    model(torch.randn(2, 4, dtype=next(model.parameters()).dtype)).float().sum().backward()
+    assert precision.step(1.0) > 0  # a finite one steps as before
 
 
 def assert_no_model_left(out: Path) -> None:

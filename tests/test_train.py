@@ -200,3 +200,72 @@ def test_resume_continues_where_the_checkpoint_stopped(tmp_path, tiny_model_dir,
     weights = _weights(run / "model")
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_fewer_rows_than_one_batch_stops_before_the_model_loads(tmp_path, tiny_model_dir, train_tokens, monkeypatch):
+    from instructflow import train as train_module
+    from instructflow.examples import Examples
+
+    rows = len(Examples.load(train_tokens))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_module, "load_model", no_model)
+    with pytest.raises(train_module.TrainingError) as err:
+        _train(tmp_path, tiny_model_dir("llama"), train_tokens, batch_size=rows + 2, micro_batch_size=1)
+    message = str(err.value)
+    assert f"has {rows} rows, fewer than one batch (train.batch_size: {rows + 2})" in message
+    assert "train.micro_batch_size" in message and "data.eval_fraction" in message
+
+
+def test_fingerprint_follows_content_not_timestamps(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from instructflow.train import fingerprint
+
+    tokens, model = tmp_path / "train.safetensors", tmp_path / "model"
+    model.mkdir()
+    tokens.write_bytes(b"tokens")
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"a")
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"b")
+    setup = SimpleNamespace(applied={"precision_mode": "fp32"})
+    first = fingerprint(BASE, setup, tokens, model)
+    for path in (tokens, *model.iterdir()):
+        os.utime(path, ns=(1, 1))  # touched, same bytes: the run resumes
+    assert fingerprint(BASE, setup, tokens, model) == first
+    tokens.write_bytes(b"tokenz")  # same size, other content
+    assert fingerprint(BASE, setup, tokens, model) != first
+    tokens.write_bytes(b"tokens")
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"c")  # a shard of the base weights
+    assert fingerprint(BASE, setup, tokens, model) != first
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"b")
+    assert fingerprint(BASE, setup, tokens, model) == first
+    assert fingerprint(BASE, SimpleNamespace(applied={"precision_mode": "bf16-masters"}), tokens, model) != first
+
+
+def test_fingerprint_cache_skips_unchanged_files_and_sees_an_in_place_edit(tmp_path, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from instructflow import train as train_module
+
+    tokens, model, cache = tmp_path / "train.safetensors", tmp_path / "model", tmp_path / "work" / "hashes.json"
+    model.mkdir()
+    tokens.write_bytes(b"tokens")
+    (model / "model.safetensors").write_bytes(b"weights")
+    setup = SimpleNamespace(applied={})
+    read = []
+    real = train_module._file_sha256
+    monkeypatch.setattr(train_module, "_file_sha256", lambda path: read.append(path.name) or real(path))
+    first = train_module.fingerprint(BASE, setup, tokens, model, cache=cache)
+    assert sorted(read) == ["model.safetensors", "train.safetensors"]
+    read.clear()
+    assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) == first and read == []
+    stat = tokens.stat()
+    tokens.write_bytes(b"tokenz")
+    os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime put back: ctime still moved
+    assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) != first and read == ["train.safetensors"]
+    cache.write_text("{torn")  # a damaged cache is only a cache
+    assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) != first

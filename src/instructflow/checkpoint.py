@@ -106,9 +106,30 @@ def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tenso
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {err}. Free disk space or fix the permissions "
                               f"of {folder}; earlier checkpoints there are intact") from err
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(folder, keep)
     return final
+
+
+def _fingerprint_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints of each fingerprint. Counted per fingerprint, so a new run
+    never deletes its own fresh checkpoints because an older run (other settings or data) left some with
+    higher step numbers; that run keeps its newest ``keep`` too, for when its settings come back. A folder
+    whose manifest cannot be read is left alone (resuming skips it)."""
+    groups: dict[str, list[Path]] = {}
+    for path in list_checkpoints(folder):
+        fp = _fingerprint_of(path)
+        if fp is not None:
+            groups.setdefault(fp, []).append(path)
+    for paths in groups.values():
+        for old in paths[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -39,6 +39,15 @@ TRAINING_ARGUMENTS_MAP = {
     "save_steps": "checkpoint_every",
 }
 
+# TrainingArguments keys read but not used, because they are bookkeeping this workflow does its own way
+# (its outputs live under results/, its checkpoints in a work folder it prunes itself, logs in metrics.jsonl):
+# accepted without a word. Any other key the map above does not cover stops the run (ConfigError).
+IGNORED_TRAINING_ARGUMENTS = frozenset({
+    "output_dir", "logging_dir", "report_to", "overwrite_output_dir", "do_train", "save_total_limit", "run_name",
+})
+# Read by _training_arguments itself (besides the map).
+HANDLED_TRAINING_ARGUMENTS = frozenset({"gradient_accumulation_steps", "bf16", "num_train_epochs"})
+
 
 class ConfigError(ValueError):
     pass
@@ -119,6 +128,20 @@ def _training_arguments(path: str, workdir: Path) -> dict:
         args = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"config key train.args_file: cannot read {path!r}: {err}") from err
+    if not isinstance(args, dict):
+        raise ConfigError(f"config key train.args_file: {path!r} holds no JSON object of TrainingArguments")
+    unmapped = sorted(set(args) - set(TRAINING_ARGUMENTS_MAP) - IGNORED_TRAINING_ARGUMENTS
+                      - HANDLED_TRAINING_ARGUMENTS)
+    if unmapped:
+        raise ConfigError(f"config key train.args_file: {path!r} sets {', '.join(unmapped)}, which instructflow "
+                          "does not map to its own settings (it reads "
+                          f"{', '.join(sorted(TRAINING_ARGUMENTS_MAP))}, gradient_accumulation_steps and bf16); "
+                          "remove those keys from the file, or set the matching train.* keys in the config "
+                          "(see config/README)")
+    if "num_train_epochs" in args and not (isinstance(args.get("max_steps"), int) and args["max_steps"] > 0):
+        # TrainingArguments itself ignores num_train_epochs when max_steps is positive.
+        raise ConfigError(f"config key train.args_file: {path!r} sets num_train_epochs without a positive max_steps; "
+                          "training by epochs is not supported yet: set max_steps in the file (or train.max_steps)")
     settings = {ours: args[theirs] for theirs, ours in TRAINING_ARGUMENTS_MAP.items() if theirs in args}
     if "gradient_accumulation_steps" in args:
         # 8: TrainingArguments' own default for per_device_train_batch_size (not one of ours)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,23 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_jsonl(path: str | os.PathLike, *, skip_damaged: bool = False) -> list[dict]:
+    """The records of a JSON-lines file. ``skip_damaged``: a line that does not parse as a JSON object
+    (torn by a kill mid-write) is skipped with a warning instead of raising."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace" if skip_damaged else "strict") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if skip_damaged and not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                if not skip_damaged:
+                    raise
+                warnings.warn(f"instructflow: skipping damaged line {number} of {path}: {err}", RuntimeWarning,
+                              stacklevel=2)
+                continue
+            records.append(record)
+    return records

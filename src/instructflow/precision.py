@@ -8,7 +8,8 @@ master weights, bf16 weights with Kahan-compensated updates) with the same inter
     strategy.autocast           whether forward passes run under bf16 autocast
     strategy.optimizer          the torch optimiser (the learning-rate scheduler wraps it)
     strategy.step(max_norm)     clip by the global gradient norm (0: no clipping), step, clear the
-                                gradients; returns the norm before clipping
+                                gradients; returns the norm before clipping. A norm that is not finite
+                                raises NonFiniteGradient before the optimiser steps (weights untouched)
     strategy.state_dict()       {"trainable": {name: tensor}, "optimizer": ...} for a checkpoint
     strategy.load_state_dict()  the same back, when resuming
     strategy.to_fp32()          give the model fp32 weights for export; training ends there
@@ -16,6 +17,7 @@ master weights, bf16 weights with Kahan-compensated updates) with the same inter
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -54,6 +56,23 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
+class NonFiniteGradient(FloatingPointError):
+    """The global gradient norm is inf or nan: raised before the optimiser steps, so the weights and the
+    optimiser state are untouched (the training loop turns it into a TrainingError naming the step)."""
+
+    def __init__(self, norm: float):
+        super().__init__(f"gradient norm is {norm}")
+        self.norm = norm
+
+
+def checked(norm: torch.Tensor) -> float:
+    """``float(norm)`` (the step's one device sync), or NonFiniteGradient where it is inf or nan."""
+    value = float(norm)
+    if not math.isfinite(value):
+        raise NonFiniteGradient(value)
+    return value
+
+
 class Plain:
     """fp32 weights and torch AdamW; with ``autocast`` the forward passes run under bf16 autocast."""
 
@@ -71,12 +90,13 @@ class Plain:
     @torch.no_grad()
     def step(self, max_grad_norm: float) -> float:
         norm = grad_norm(self.params)
+        value = checked(norm)  # before the step: a non-finite gradient never reaches the weights
         if max_grad_norm:
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
                                 torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return value
 
     def state_dict(self) -> dict:
         return {"trainable": {name: p.detach().cpu() for name, p in self.named},

@@ -28,7 +28,9 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -146,11 +148,52 @@ def build_setup(settings: dict, model_dir: Path, device, precision: str, longest
     return setup
 
 
-def fingerprint(settings: dict, setup: TrainingSetup, train_path: Path, model_dir: Path) -> str:
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_sha256(path: Path, cache: Path | None = None) -> str:
+    """The file's SHA-256, remembered in ``cache`` (JSON in the work folder) under its size, mtime, ctime
+    and inode: a file untouched since is not read again (a 7B model is 14 GB), and any write changes ctime,
+    which no one can set back, so a file edited in place is hashed afresh even with its mtime restored."""
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    known = {}
+    if cache is not None:
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        entry = known.get(key) if isinstance(known, dict) else None
+        if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+    value = _file_sha256(path)
+    if cache is not None:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"stat": stamp, "sha256": value}
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # one per process: ranks never collide
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:  # only a cache: the next run hashes again
+            tmp.unlink(missing_ok=True)
+    return value
+
+
+def fingerprint(settings: dict, setup: TrainingSetup, train_path: Path, model_dir: Path,
+                cache: Path | None = None) -> str:
+    """Settings + what was applied (the resolved precision among it) + the content of the token file and
+    of the base model's weight files: a file touched but identical resumes, an edited one starts over."""
     digest = hashlib.sha256(json.dumps([settings, setup.applied], sort_keys=True, default=str).encode())
-    for path in (train_path, model_dir / "model.safetensors"):
-        stat = path.stat() if path.exists() else None
-        digest.update(f"{path.name}:{stat.st_size if stat else 0}:{stat.st_mtime_ns if stat else 0}".encode())
+    files = [Path(train_path), *sorted(Path(model_dir).glob("*.safetensors"))]
+    for path in files:
+        content = content_sha256(path, cache) if path.is_file() else "missing"
+        digest.update(f"{path.name}:{content}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -256,7 +299,11 @@ def checkpoint(setup: TrainingSetup, scheduler, workdir: Path, fp: str, step: in
 def start_log(log_path: Path, start_step: int) -> None:
     """The work folder's metrics log, cut back to the checkpoint a resumed run starts from."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [r for r in read_jsonl(log_path) if r["step"] <= start_step] if log_path.exists() and start_step else []
+    kept = []
+    if log_path.exists() and start_step:
+        # A line torn by a kill mid-write (the last one, typically) is dropped with a warning, not fatal.
+        kept = [r for r in read_jsonl(log_path, skip_damaged=True)
+                if isinstance(r.get("step"), int) and r["step"] <= start_step]
     log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -302,6 +349,58 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------- train
+class StopSignals:
+    """SIGTERM (SLURM's warning before the time limit, a scheduler's preemption) and SIGINT (Ctrl-C) while
+    the loop runs: remembered, so the loop finishes its step, writes a checkpoint and stops. A second
+    SIGINT gets the handler that was there before (Ctrl-C twice: stop now; checkpoints are atomic, so that
+    loses at most the one being written). Further SIGTERMs are ignored: on SLURM one comes from the
+    scheduler to every process of the job step and more from the launcher and Snakemake passing theirs on,
+    and the scheduler sends SIGKILL itself when its grace time is up. Installed only inside ``with``, and
+    only in the main thread (Python's rule); the old handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received == signum == signal.SIGINT:
+            old = self._old.get(signum)
+            old = signal.SIG_DFL if old is None else old
+            signal.signal(signum, old)
+            if callable(old):
+                old(signum, frame)
+            else:
+                signal.raise_signal(signum)
+            return
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._old[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
+        return False
+
+    def stop_requested(self, accelerator) -> bool:
+        """Whether to stop after this step: on any process (all of them stop together; one tiny
+        all-reduce a step where there are several processes, none for one)."""
+        flag = self.received is not None
+        if accelerator.num_processes > 1:
+            flag = bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum"))
+        return flag
+
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
+
+
 def start_accelerator():
     from accelerate import Accelerator
 
@@ -323,13 +422,19 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     torch.manual_seed(settings["seed"])
 
     examples = Examples.load(train_path)
+    if len(examples) < settings["batch_size"]:
+        # Before the model loads: the batch planner would only say so after minutes of loading.
+        raise TrainingError(f"the training split {train_path} has {len(examples)} rows, fewer than one batch "
+                            f"(train.batch_size: {settings['batch_size']}); lower train.batch_size (and "
+                            "train.micro_batch_size to fit), or give more training rows (a larger data file or a "
+                            "smaller data.eval_fraction)")
     setup = build_setup(settings, model_dir, device, precision, longest_row=int(examples.lengths.max()))
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
                            world_size=world, seed=settings["seed"], pack=setup.packing)
     total = settings["max_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
         s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
-    fp = fingerprint(settings, setup, train_path, model_dir)
+    fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json")
     progress = resume(setup, scheduler, workdir, fp, accelerator.print)
     log_path = workdir / "metrics.jsonl"
     if accelerator.is_main_process:
@@ -342,26 +447,40 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     window = Window()
     bar = tqdm(total=total, initial=progress.start, desc="train", unit="step", dynamic_ncols=True, mininterval=5,
                disable=not accelerator.is_main_process)
-    for step in range(progress.start, total):
-        plan = planner.step(step)
-        loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss became {loss} at step {step + 1}; the last good checkpoint in {workdir} "
-                                "is kept. Lower train.learning_rate or check the data.")
-        window.add(loss, plan.trained_tokens, setup.precision.step(settings["max_grad_norm"]))
-        scheduler.step()
-        progress.advance(tokens, plan.trained_tokens, elapsed=time.perf_counter() - started)
-        done = step + 1
-        bar.update(1)
-        if done % settings["log_every"] == 0 or done == total:
-            record = window.record(step=done, lr=scheduler.get_last_lr()[0], **progress.totals(accelerator))
-            if accelerator.is_main_process:
-                append_jsonl(log_path, [record])
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{progress.trained_tokens_per_s():.0f}")
-        if settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total:
-            if accelerator.is_main_process:
-                checkpoint(setup, scheduler, workdir, fp, done, progress.extra())
-            accelerator.wait_for_everyone()
+    with StopSignals() as stop:
+        for step in range(progress.start, total):
+            plan = planner.step(step)
+            loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss became {loss} at step {step + 1}; the last good checkpoint in {workdir} "
+                                    "is kept. Lower train.learning_rate or check the data.")
+            try:
+                grad_norm = setup.precision.step(settings["max_grad_norm"])
+            except precisions.NonFiniteGradient as err:
+                raise TrainingError(f"the gradient norm became {err.norm} at step {step + 1} (the loss, "
+                                    f"{loss:.4g}, was finite); the step was not applied and the last good "
+                                    f"checkpoint in {workdir} is kept. Lower train.learning_rate, set "
+                                    "train.max_grad_norm, or use train.precision: fp32; then rerun") from None
+            window.add(loss, plan.trained_tokens, grad_norm)
+            scheduler.step()
+            progress.advance(tokens, plan.trained_tokens, elapsed=time.perf_counter() - started)
+            done = step + 1
+            bar.update(1)
+            stopping = stop.stop_requested(accelerator)
+            if done % settings["log_every"] == 0 or done == total or (stopping and window.steps):
+                record = window.record(step=done, lr=scheduler.get_last_lr()[0], **progress.totals(accelerator))
+                if accelerator.is_main_process:
+                    append_jsonl(log_path, [record])
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{progress.trained_tokens_per_s():.0f}")
+            periodic = settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total
+            if periodic or stopping:
+                if accelerator.is_main_process:
+                    checkpoint(setup, scheduler, workdir, fp, done, progress.extra())
+                accelerator.wait_for_everyone()
+            if stopping:
+                bar.close()
+                raise TrainingError(f"stopped by {stop.name()} after step {done} of {total}; checkpoint written "
+                                    f"to {workdir / f'step-{done:08d}'}; rerun to resume")
     bar.close()
     accelerator.wait_for_everyone()
     setup.precision.to_fp32()

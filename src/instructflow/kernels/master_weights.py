@@ -57,15 +57,19 @@ class MasterWeights:
         self._buffer = torch.empty(capacity, dtype=torch.float32, device=self.params[0].device) if self.params else None
 
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0) -> torch.Tensor | None:
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
+             check_finite: bool = False) -> torch.Tensor | float:
         """One optimiser step from the model's gradients (bf16, summed over the micro-batches): clip by
         their global norm, step the masters chunk by chunk, copy them into the model.
-        Clears the model's gradients. Returns the norm before clipping (a tensor: no device sync)."""
-        from ..precision import grad_norm
+        Clears the model's gradients. Returns the norm before clipping (a tensor: no device sync).
+        ``check_finite``: read the norm first (the one device sync; then it is returned as a float) and
+        raise precision.NonFiniteGradient, weights and optimiser untouched, where it is inf or nan."""
+        from ..precision import checked, grad_norm
 
         # Norms of the bf16 gradients themselves (accumulated in fp32, each rounded to bf16: a clip
         # coefficient within 0.4%): asking for fp32 norms converts every gradient first, 0.25 s a step.
         norm = grad_norm(self.params)
+        value = checked(norm) if check_finite else None
         coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) if max_grad_norm else None
         for chunk in self.chunks:
             offset, views = 0, []
@@ -87,7 +91,7 @@ class MasterWeights:
             for i in chunk:
                 self.masters[i].grad = None
                 self.params[i].copy_(self.masters[i])
-        return norm
+        return norm if value is None else value
 
     @torch.no_grad()
     def to_model(self) -> None:
@@ -127,7 +131,8 @@ class Masters:
                                            fused=True)
 
     def step(self, max_grad_norm: float) -> float:
-        return float(self.weights.step(self.optimizer, max_grad_norm))
+        # The norm is read (one sync) before the step: a non-finite one raises with the weights untouched.
+        return float(self.weights.step(self.optimizer, max_grad_norm, check_finite=True))
 
     def state_dict(self) -> dict:
         return {"trainable": {n: t.cpu() for n, t in self.weights.state_dict().items()},
