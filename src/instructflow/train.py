@@ -219,6 +219,21 @@ def train_step(setup: TrainingSetup, wrapped, accelerator, examples: Examples, p
     return float(accelerator.reduce(step_loss, reduction="sum")) / plan.trained_tokens, tokens
 
 
+def optimiser_step(setup: TrainingSetup, loss: float, step: int, max_grad_norm: float, workdir: Path) -> float:
+    """Step the precision strategy on the gradients of one step and return their norm; a non-finite loss or
+    gradient stops training before the step is applied (the last good checkpoint is kept)."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss became {loss} at step {step + 1}; the last good checkpoint in {workdir} "
+                            "is kept. Lower train.learning_rate or check the data.")
+    try:
+        return setup.precision.step(max_grad_norm)
+    except precisions.NonFiniteGradient as err:
+        raise TrainingError(f"the gradient norm became {err.norm} at step {step + 1} (the loss, {loss:.4g}, was "
+                            f"finite); the step was not applied and the last good checkpoint in {workdir} is kept. "
+                            "Lower train.learning_rate, set train.max_grad_norm, or use train.precision: fp32; "
+                            "then rerun") from None
+
+
 class Window:
     """Loss (per trained token) and gradient norm (per step) since the last metrics record."""
 
@@ -451,16 +466,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         for step in range(progress.start, total):
             plan = planner.step(step)
             loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss became {loss} at step {step + 1}; the last good checkpoint in {workdir} "
-                                    "is kept. Lower train.learning_rate or check the data.")
-            try:
-                grad_norm = setup.precision.step(settings["max_grad_norm"])
-            except precisions.NonFiniteGradient as err:
-                raise TrainingError(f"the gradient norm became {err.norm} at step {step + 1} (the loss, "
-                                    f"{loss:.4g}, was finite); the step was not applied and the last good "
-                                    f"checkpoint in {workdir} is kept. Lower train.learning_rate, set "
-                                    "train.max_grad_norm, or use train.precision: fp32; then rerun") from None
+            grad_norm = optimiser_step(setup, loss, step, settings["max_grad_norm"], workdir)
             window.add(loss, plan.trained_tokens, grad_norm)
             scheduler.step()
             progress.advance(tokens, plan.trained_tokens, elapsed=time.perf_counter() - started)
