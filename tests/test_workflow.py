@@ -45,10 +45,10 @@ def _env(code: Path) -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def snakemake(code: Path, workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(code: Path, workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "snakemake"), "-s", str(code / "Snakefile"), "--directory", str(workdir), "--cores", "2",
            *args]
-    proc = subprocess.run(cmd, env=_env(code), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=_env(code), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
         logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}{logs}")
@@ -82,7 +82,8 @@ def tiny_workflow(tmp_path_factory, tiny_model_dir):
     shutil.copy(TEST_DATA, work / "data" / "instructions.csv")
     config = {**TINY_CONFIG, "runs": {arch: {"model": {"base": str(tiny_model_dir(arch))}} for arch in ARCHS}}
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(code, work)
+    # 26 runs of 8 jobs each, every job a fresh process: about 20 minutes on 2 cores.
+    snakemake(code, work, timeout=3600)
     return code, work
 
 
