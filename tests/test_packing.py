@@ -54,10 +54,11 @@ def test_packed_and_padded_loss_equal_rows_one_by_one(arch, kernel):
         assert n == count
         assert loss == pytest.approx(expected, rel=1e-5), f"pack={pack}"
 
-    # The check can fail: without the row boundaries, packed rows see each other.
+    # The check can fail: without the row boundaries, packed rows see each other, which moves the loss of
+    # these random models by 1e-4 to 1e-3 of itself: well outside the 1e-5 of the exact check.
     packed = collate(examples, rows, pack=True)
     leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0), "seq_lens": None}
-    assert _loss(model, leaky)[0] != pytest.approx(expected, rel=1e-3)
+    assert _loss(model, leaky)[0] != pytest.approx(expected, rel=5e-5)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
