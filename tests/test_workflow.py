@@ -114,7 +114,9 @@ def test_every_architecture_runs_end_to_end(tiny_workflow):
         # train.advanced.fused_kernels (default on) compiles the loss kernel wherever the fused loss applies
         # (all but architectures whose logits it cannot reproduce) and a C++ compiler is.
         assert summary["loss"] == "fused linear + cross-entropy", arch
-        assert summary["fused_kernels"]["cross_entropy_chunk"] == ("compiled" if HAS_COMPILER else "eager"), arch
+        # (a head with a bias, GPT-J's, projects the labelled positions without the chunk kernel: "unused").
+        expected = {"compiled" if HAS_COMPILER else "eager"} | ({"unused"} if arch == "gptj" else set())
+        assert summary["fused_kernels"]["cross_entropy_chunk"] in expected, arch
     assert "Nothing to be done" in snakemake(*tiny_workflow, "-n").stdout
 
 
