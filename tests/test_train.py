@@ -257,8 +257,8 @@ def test_fingerprint_cache_skips_unchanged_files_and_sees_an_in_place_edit(tmp_p
     (model / "model.safetensors").write_bytes(b"weights")
     setup = SimpleNamespace(applied={})
     read = []
-    real = train_module._file_sha256
-    monkeypatch.setattr(train_module, "_file_sha256", lambda path: read.append(path.name) or real(path))
+    real = train_module.file_sha256
+    monkeypatch.setattr(train_module, "file_sha256", lambda path: read.append(path.name) or real(path))
     first = train_module.fingerprint(BASE, setup, tokens, model, cache=cache)
     assert sorted(read) == ["model.safetensors", "train.safetensors"]
     read.clear()

@@ -28,7 +28,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
@@ -94,7 +94,7 @@ def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tenso
         for name in FILES:
             _fsync(tmp / name)
         manifest = {"step": step, "fingerprint": fingerprint, "optimizer": opt_meta, "scheduler": scheduler_state,
-                    "extra": extra or {}, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+                    "extra": extra or {}, "sha256": {name: file_sha256(tmp / name) for name in FILES}}
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh)
             fh.flush()
@@ -147,7 +147,7 @@ def load_checkpoint(path: Path) -> dict:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"no readable {MANIFEST}: {err}") from None
     for name in FILES:
-        if not (path / name).is_file() or _sha256(path / name) != manifest["sha256"][name]:
+        if not (path / name).is_file() or file_sha256(path / name) != manifest["sha256"][name]:
             raise CheckpointError(f"{name} is missing or does not match its checksum")
     return {
         "step": int(manifest["step"]),

@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 
 from . import precision as precisions
 from .batching import BatchPlanner, StepPlan, collate
-from .checkpoint import CheckpointError, latest_valid, save_checkpoint
+from .checkpoint import CheckpointError, file_sha256, latest_valid, save_checkpoint
 from .config import train_settings
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -148,14 +148,6 @@ def build_setup(settings: dict, model_dir: Path, device, precision: str, longest
     return setup
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def content_sha256(path: Path, cache: Path | None = None) -> str:
     """The file's SHA-256, remembered in ``cache`` (JSON in the work folder) under its size, mtime, ctime
     and inode: a file untouched since is not read again (a 7B model is 14 GB), and any write changes ctime,
@@ -171,7 +163,7 @@ def content_sha256(path: Path, cache: Path | None = None) -> str:
         entry = known.get(key) if isinstance(known, dict) else None
         if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
             return entry["sha256"]
-    value = _file_sha256(path)
+    value = file_sha256(path)
     if cache is not None:
         known = known if isinstance(known, dict) else {}
         known[key] = {"stat": stamp, "sha256": value}
