@@ -162,6 +162,22 @@ def test_sigint_in_process_stops_after_the_step_and_restores_the_old_handlers(jo
     assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] == 3
 
 
+def test_sigterms_passed_on_after_the_stop_do_not_kill_the_exiting_process():
+    """On SLURM the scheduler's SIGTERM is followed by the launcher's and Snakemake's; one that lands after
+    the checkpoint is written (the loop has left StopSignals) must not turn "stopped, exit 1" into "killed"."""
+    script = (
+        "import os, signal, time\n"
+        "from instructflow.train import StopSignals\n"
+        "with StopSignals() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert stop.received == signal.SIGTERM\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "raise SystemExit(1)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 def save(folder: Path, step: int, value: float = 1.0, fingerprint: str = "fp", **kw) -> Path:

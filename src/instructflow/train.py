@@ -392,7 +392,10 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for signum, old in self._old.items():
-            signal.signal(signum, old)
+            # After a stop the process only exits (non-zero): the SIGTERMs still passed on must not kill it
+            # while it does, or the exit status would say "killed" instead of "stopped, checkpointed".
+            stopping = self.received == signum == signal.SIGTERM
+            signal.signal(signum, signal.SIG_IGN if stopping else old)
         self._old = {}
         return False
 
