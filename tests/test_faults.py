@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -160,6 +161,28 @@ def test_sigint_in_process_stops_after_the_step_and_restores_the_old_handlers(jo
     code, err = run_main(job, tmp_path, settings, capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] == 3
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_the_launch_still_ends_in_a_checkpoint(job, tmp_path):
+    """What SLURM's warning signal does (test_slurm.py runs the real one): SIGTERM to the launcher, accelerate's
+    launcher and the trainer at once. Only the trainer acts; the others wait for it, so it is not killed
+    while it writes the checkpoint, and the stage's status is the trainer's 1."""
+    out = tmp_path / "launched"
+    args = train_args(job, out, {**SETTINGS, "max_steps": 100_000})
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow", "train", "--run", "t", "--threads", "1",
+                             "--processes", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    while metric_lines(out / "checkpoints" / "metrics.jsonl") < 3:
+        assert proc.poll() is None, "training ended before the signal:\n" + proc.stdout.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output
+    step = int(re.search(r"stopped by SIGTERM after step (\d+) of 100000", output).group(1))
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(out / "checkpoints")][-1] == step
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith("instructflow train: the training processes exited with status 1")
 
 
 def test_sigterms_passed_on_after_the_stop_do_not_kill_the_exiting_process():

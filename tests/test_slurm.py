@@ -14,14 +14,17 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, build_model, build_tokenizer
+from instructflow.checkpoint import list_checkpoints
 from instructflow.io import read_jsonl
 
 START = REPO / "scripts" / "slurm" / "local-slurm.sh"
@@ -139,3 +142,74 @@ def test_reports_after_a_cluster_run(runs):
     done = _snakemake(cluster, "--report", str(cluster / "report.zip"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (cluster / "report.zip").stat().st_size > 0
+
+
+def _train_log_until(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, path.read_text(errors="replace")) if path.exists() else None
+        if found:
+            return found
+        assert proc.poll() is None, f"snakemake ended before {pattern!r}:\n{proc.stderr.read()[-3000:]}"
+        time.sleep(1)
+    raise AssertionError(f"no {pattern!r} in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_time_limit_mid_training_ends_in_a_checkpoint_and_the_rerun_resumes_there(slurm, tmp_path):
+    """The profile asks SLURM for SIGTERM before the time limit; SLURM sends it to every process of the job
+    step (snakemake's, the launcher, accelerate's, the trainer). The trainer finishes its step, checkpoints and
+    exits 1 (not killed at the limit: the job FAILED, not TIMEOUT), and the rerun resumes at that step."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    extra = profile["set-resources"]["train"]["slurm_extra"]
+    # Every process of the step, not "B:" (the batch shell only, which the trainer never hears of).
+    assert re.fullmatch(r"'--signal=TERM@\d+'", extra), extra
+    tok = build_tokenizer()
+    build_model("llama", len(tok), tok.eos_token_id, tok.pad_token_id).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    work = _workdir(tmp_path / "work", tmp_path / "tiny")
+    steps = 1_000_000  # far more than fits in the limit: the signal always comes mid-training
+    (work / "config" / "tiny.yaml").write_text(json.dumps({
+        "model": {"base": str(tmp_path / "tiny")}, "train": {"max_steps": steps, "checkpoint_every": 0}}))
+    # A 3-minute limit and the warning 70 s before it (the profile's 120 s would leave too little to train
+    # in a test); SLURM may send it up to a minute early, so the trainer gets 50 to 110 s.
+    limit = ["--set-resources", "train:runtime=3", "train:slurm_extra='--signal=TERM@70'", "--until", "train"]
+    overrides = CLUSTER_OVERRIDES  # with --retries 0: the rerun below is started by hand, to watch it
+    log = work / "logs" / "train" / "default.log"
+    checkpoints = work / "results" / "runs" / "default" / "checkpoints"
+
+    done = _snakemake(work, "--profile", str(REPO / "profiles" / "slurm"), *overrides, *limit)
+    assert done.returncode != 0, "training cannot have finished a million steps"
+    text = log.read_text(errors="replace")
+    stop = re.search(rf"instructflow train: stopped by SIGTERM after step (\d+) of {steps}; checkpoint written to "
+                     rf"(\S+); rerun to resume", text)
+    assert stop, text[-3000:]
+    k = int(stop.group(1))
+    assert Path(stop.group(2)) == Path("results/runs/default/checkpoints") / f"step-{k:08d}"
+    assert [int(p.name.split("-")[1]) for p in list_checkpoints(checkpoints)] == [k]
+    assert [r["step"] for r in read_jsonl(checkpoints / "metrics.jsonl")] == list(range(1, k + 1))  # none lost
+    slurm_id = re.search(r"rule train:.*?has been submitted with SLURM jobid (\d+)", done.stderr, re.S).group(1)
+    info = subprocess.run(["scontrol", "show", "job", slurm_id], capture_output=True, text=True).stdout
+    assert "JobState=FAILED" in info and "ExitCode=1:0" in info, info  # it stopped itself: not TIMEOUT
+
+    # The rerun (what --retries or the user's next snakemake does) resumes at step k; stopped again by hand
+    # (scancel --signal=TERM, as a preemption would) once it trained a step, it checkpoints that one.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    rerun = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
+         str(work / "config" / "config.yaml"), str(work / "config" / "tiny.yaml"), "--profile",
+         str(REPO / "profiles" / "slurm"), *overrides, *limit],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _train_log_until(log, rf"resuming from checkpoint at step {k}\b", rerun, timeout=120)
+        _train_log_until(checkpoints / "metrics.jsonl", rf'"step": {k + 1}\b', rerun, timeout=120)
+        [job] = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)
+        assert rerun.wait(timeout=300) != 0
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    again = re.search(rf"stopped by SIGTERM after step (\d+) of {steps}", log.read_text(errors="replace"))
+    assert again and int(again.group(1)) > k
+    assert [r["step"] for r in read_jsonl(checkpoints / "metrics.jsonl")] == list(range(1, int(again.group(1)) + 1))
+    assert list_checkpoints(checkpoints)[-1].name == f"step-{int(again.group(1)):08d}"

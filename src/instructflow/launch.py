@@ -17,6 +17,7 @@ The worker it launches is ``python -m instructflow.train`` with the arguments gi
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import zlib
@@ -77,7 +78,8 @@ def launch_command(worker_args: Sequence[str], *, run: str, processes: int, env:
                    config_folder: Path = ACCELERATE_CONFIGS, python: str = sys.executable) -> list[str]:
     """The ``accelerate launch`` command line, on this interpreter (``python -m accelerate...``), so the
     workers run in the same environment as the launcher whatever PATH holds."""
-    return [python, "-m", "accelerate.commands.accelerate_cli", "launch",
+    # --quiet: a failed worker ends in its own one-line error, not in accelerate's CalledProcessError traceback.
+    return [python, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet",
             "--config_file", str(accelerate_config(processes, config_folder)),
             "--num_processes", str(processes), "--main_process_port", str(rendezvous_port(run, env)),
             "-m", WORKER, *worker_args]
@@ -109,4 +111,13 @@ def run(worker: Sequence[str], *, run: str, threads: int, processes: int,
     cmd = launch_command(worker, run=run, processes=processes, env=env, config_folder=config_folder)
     print(f"instructflow train: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} LD_PRELOAD={env.get('LD_PRELOAD', '')} "
           + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    # SLURM's warning before the time limit (profiles/slurm: --signal=TERM@120) reaches every process of the
+    # job step at once. Only the trainer acts on it (finish the step, checkpoint, exit 1); the processes above
+    # it must outlive it, or the step ends and SLURM kills the trainer mid-checkpoint. So this launcher and
+    # accelerate's (SIG_IGN is inherited through exec) ignore SIGTERM; the trainer installs its own handler.
+    # Ctrl-C (SIGINT to the terminal's process group) reaches the trainer directly.
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -357,8 +357,8 @@ def peak_rss_mb() -> float:
 
 # ------------------------------------------------------------------------------------------- train
 class StopSignals:
-    """SIGTERM (SLURM's warning before the time limit, a scheduler's preemption) and SIGINT (Ctrl-C) while
-    the loop runs: remembered, so the loop finishes its step, writes a checkpoint and stops. A second
+    """SIGTERM (SLURM's warning before the time limit, a scheduler's preemption) and SIGINT (Ctrl-C) from
+    the moment training starts loading: remembered, so the loop finishes its step, writes a checkpoint and stops. A second
     SIGINT gets the handler that was there before (Ctrl-C twice: stop now; checkpoints are atomic, so that
     loses at most the one being written). Further SIGTERMs are ignored: on SLURM one comes from the
     scheduler to every process of the job step and more from the launcher and Snakemake passing theirs on,
@@ -431,33 +431,35 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     precision = precisions.resolve(settings["precision"], device)
     torch.manual_seed(settings["seed"])
 
-    examples = Examples.load(train_path)
-    if len(examples) < settings["batch_size"]:
-        # Before the model loads: the batch planner would only say so after minutes of loading.
-        raise TrainingError(f"the training split {train_path} has {len(examples)} rows, fewer than one batch "
-                            f"(train.batch_size: {settings['batch_size']}); lower train.batch_size (and "
-                            "train.micro_batch_size to fit), or give more training rows (a larger data file or a "
-                            "smaller data.eval_fraction)")
-    setup = build_setup(settings, model_dir, device, precision, longest_row=int(examples.lengths.max()))
-    planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
-                           world_size=world, seed=settings["seed"], pack=setup.packing)
-    total = settings["max_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
-        s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
-    fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json")
-    progress = resume(setup, scheduler, workdir, fp, accelerator.print)
-    log_path = workdir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        start_log(log_path, progress.start)
-
-    # `setup.model` stays the plain transformers model (the wrapper shares its parameters).
-    wrapped = accelerator.prepare(ResponseLoss(setup))
-    wrapped.train()
-    started = time.perf_counter()
-    window = Window()
-    bar = tqdm(total=total, initial=progress.start, desc="train", unit="step", dynamic_ncols=True, mininterval=5,
-               disable=not accelerator.is_main_process)
+    # From here on: a signal while the model loads stops after the first step, with its checkpoint.
     with StopSignals() as stop:
+        examples = Examples.load(train_path)
+        if len(examples) < settings["batch_size"]:
+            # Before the model loads: the batch planner would only say so after minutes of loading.
+            raise TrainingError(f"the training split {train_path} has {len(examples)} rows, fewer than one batch "
+                                f"(train.batch_size: {settings['batch_size']}); lower train.batch_size (and "
+                                "train.micro_batch_size to fit), or give more training rows (a larger data file or a "
+                                "smaller data.eval_fraction)")
+        setup = build_setup(settings, model_dir, device, precision, longest_row=int(examples.lengths.max()))
+        planner = BatchPlanner(examples, batch_size=settings["batch_size"],
+                               micro_batch_size=settings["micro_batch_size"], world_size=world, seed=settings["seed"],
+                               pack=setup.packing)
+        total = settings["max_steps"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
+            s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
+        fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json")
+        progress = resume(setup, scheduler, workdir, fp, accelerator.print)
+        log_path = workdir / "metrics.jsonl"
+        if accelerator.is_main_process:
+            start_log(log_path, progress.start)
+
+        # `setup.model` stays the plain transformers model (the wrapper shares its parameters).
+        wrapped = accelerator.prepare(ResponseLoss(setup))
+        wrapped.train()
+        started = time.perf_counter()
+        window = Window()
+        bar = tqdm(total=total, initial=progress.start, desc="train", unit="step", dynamic_ncols=True, mininterval=5,
+                   disable=not accelerator.is_main_process)
         for step in range(progress.start, total):
             plan = planner.step(step)
             loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)

@@ -4,7 +4,8 @@
 # state lives in results/runs/{run}/checkpoints, outside the outputs, because Snakemake deletes a job's
 # outputs before rerunning it. On a cluster the profile (profiles/slurm) gives this rule GPUs
 # (resource `gpu`: one process each), CPUs and memory; never `tasks`, which would start one copy of
-# the whole launch per task.
+# the whole launch per task. `exec`: no shell stays between the scheduler and the launcher, since SLURM's
+# warning signal before the time limit reaches every process of the job and would end the shell.
 rule train:
     output:
         model=directory("results/runs/{run}/model"),
@@ -28,6 +29,6 @@ rule train:
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow train --run {wildcards.run:q} --threads {threads} --processes {params.processes}"
+        "exec python -m instructflow train --run {wildcards.run:q} --threads {threads} --processes {params.processes}"
         " --settings {params.settings} --model {input.model:q} --train {input.train:q} --out {output.model:q}"
         " --metrics {output.metrics:q} --summary {output.summary:q} --workdir {params.workdir:q} > {log:q} 2>&1"
