@@ -146,6 +146,7 @@ def test_args_file_maps_training_arguments(workdir):
     assert train["micro_batch_size"] == 4 and train["batch_size"] == 12
     assert (train["warmup_steps"], train["lr_scheduler"], train["log_every"], train["checkpoint_every"]) == (2, "linear", 1, 5)
     assert train["precision"] == "bf16"
+    assert train["epochs"] == 0  # a positive max_steps decides, as in TrainingArguments
 
 
 def test_args_file_edge_cases(workdir):
@@ -233,10 +234,13 @@ def test_args_file_bookkeeping_keys_are_accepted(workdir):
     assert runs["default"]["train"]["max_steps"] == 5
 
 
-def test_args_file_epochs_without_max_steps_is_refused(workdir):
-    (workdir / "epochs3.json").write_text(json.dumps({"num_train_epochs": 3}))
-    with pytest.raises(ConfigError, match="epochs is not supported yet: set max_steps"):
-        _load(workdir, train={"args_file": "epochs3.json"})
-    (workdir / "epochs3.json").write_text(json.dumps({"num_train_epochs": 3, "max_steps": -1}))
-    with pytest.raises(ConfigError, match="num_train_epochs without a positive max_steps"):
-        _load(workdir, train={"args_file": "epochs3.json"})
+def test_args_file_epochs_train_by_epochs_as_trainingarguments_would(workdir):
+    # The 2023 script's file: num_train_epochs 2 and no max_steps (or -1, "use epochs").
+    for extra in ({}, {"max_steps": -1}):
+        (workdir / "epochs2.json").write_text(json.dumps({"num_train_epochs": 2, **extra}))
+        _, runs = _load(workdir, train={"args_file": "epochs2.json"})
+        assert runs["default"]["train"]["epochs"] == 2
+    # A positive max_steps wins over num_train_epochs there, and over a train.epochs in the config here.
+    (workdir / "steps.json").write_text(json.dumps({"num_train_epochs": 2, "max_steps": 9}))
+    _, runs = _load(workdir, train={"args_file": "steps.json", "epochs": 1.5})
+    assert (runs["default"]["train"]["epochs"], runs["default"]["train"]["max_steps"]) == (0, 9)

@@ -113,7 +113,14 @@ def test_score_unit():
     assert s["rouge_l_each"][2] == pytest.approx(6 / 7)
     assert s["rouge_l_each"][3] == 1.0 and s["rouge_l_each"][4] == 1.0  # exact match implies 1.0
     assert s["rouge_l"] == pytest.approx(sum(s["rouge_l_each"]) / 5)
-    assert score([], []) == {"exact_match": None, "rouge_l": None, "n": 0, "exact": [], "rouge_l_each": []}
+    assert score([], []) == {"exact_match": None, "rouge_l": None, "chrf": None, "n": 0, "exact": [],
+                             "rouge_l_each": [], "chrf_each": []}
+    # chrF (sacrebleu, 0-100): exact matches score 100 (empty ones too), a closer answer scores higher.
+    assert s["chrf_each"][0] == s["chrf_each"][3] == s["chrf_each"][4] == 100.0
+    assert 0.0 <= s["chrf_each"][1] < s["chrf_each"][2] < 100.0
+    assert 0.0 < s["chrf"] < 100.0
+    assert score(["the cat sat"], ["the cat sat"])["chrf"] == 100.0
+    assert score(["zzzz"], ["the cat sat"])["chrf"] == 0.0
     assert normalize(" a\t b \n") == "a b"
     with pytest.raises(ValueError):
         score(["a"], [])
@@ -129,7 +136,11 @@ def test_metrics_and_samples(setup):
     ex = Examples.load(setup["ex_path"])
     assert m["n_loss_tokens"] == int((ex.labels != IGNORE_INDEX).sum())
     assert m["generation_seconds"] > 0 and m["generation_tokens_per_s"] > 0
-    assert list(s.columns) == ["row", "prompt", "reference", "prediction", "exact", "rouge_l"]
+    assert list(s.columns) == ["row", "prompt", "reference", "prediction", "exact", "rouge_l", "chrf",
+                               "stopped_with_eos", "generated_tokens", "reference_tokens"]
+    assert 0.0 <= m["chrf"] <= 100.0
+    assert m["eos_rate"] == pytest.approx(s["stopped_with_eos"].mean())
+    assert m["length_ratio"] == pytest.approx(s["generated_tokens"].sum() / s["reference_tokens"].sum())
     assert s["row"].tolist() == ex.row[:9].tolist()  # file order, not prompt-length order
     # joined on row: the prompt text is the decoded prompt tokens of that row
     texts = read_parquet(setup["prompts_path"]).set_index("row")
@@ -137,6 +148,22 @@ def test_metrics_and_samples(setup):
         assert p == texts.at[r, "prompt"]
     assert s["exact"].dtype == bool
     assert any(len(p) for p in s["prediction"])  # the random model does generate something
+
+
+def test_stopped_with_eos_is_whether_greedy_generation_emits_eos_in_time(setup):
+    """Checked against the model's own generate, row by row, unbatched: EOS among the first max_new_tokens
+    (6) new tokens exactly where the samples say the generation stopped with EOS."""
+    model, _ = load_model(setup["model_dir"], torch.device("cpu"))
+    ex = Examples.load(setup["ex_path"])
+    s = setup["samples"]
+    for i in range(len(s)):
+        prompt = ex.prompt(i).long()[None]
+        with torch.inference_mode():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                                 eos_token_id=EOS, pad_token_id=PAD)
+        new = out[0, prompt.shape[1]:].tolist()
+        assert bool(s["stopped_with_eos"][i]) == (EOS in new), i
+        assert s["generated_tokens"][i] == (new.index(EOS) if EOS in new else len(new)), i
 
 
 def test_loss_matches_hand_computation(setup):

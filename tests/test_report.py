@@ -93,9 +93,11 @@ def test_fmt():
 def inputs(tmp_path):
     _write_metrics(tmp_path / "metrics.jsonl")
     plot_loss(tmp_path / "metrics.jsonl", tmp_path / "plots" / "loss.png")
-    base = {"eval_loss": 2.3456, "perplexity": 10.4395, "exact_match": 0.05, "rouge_l": 0.2117, "n": 40,
+    base = {"eval_loss": 2.3456, "perplexity": 10.4395, "exact_match": 0.05, "rouge_l": 0.2117, "chrf": 21.5,
+            "eos_rate": 0.25, "length_ratio": 2.75, "n": 40,
             "n_loss_rows": 50, "n_loss_tokens": 812, "generation_seconds": 3.2, "generation_tokens_per_s": 99.1}
-    tuned = dict(base, eval_loss=1.2345, perplexity=3.4367, exact_match=0.625, rouge_l=0.7781)
+    tuned = dict(base, eval_loss=1.2345, perplexity=3.4367, exact_match=0.625, rouge_l=0.7781, chrf=70.25,
+                 eos_rate=1.0, length_ratio=1.125)
     delta = {k: tuned[k] - base[k] for k in base}
     (tmp_path / "eval.json").write_text(json.dumps({"base": base, "tuned": tuned, "delta": delta}))
     (tmp_path / "train.json").write_text(json.dumps(
@@ -121,7 +123,7 @@ def test_build_report(inputs):
     md = (d / "out" / "report.md").read_text()
     html_text = (d / "out" / "report.html").read_text()
     assert "demo-run" in md
-    for k in ("eval_loss", "perplexity", "exact_match", "rouge_l"):
+    for k in ("eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "eos_rate", "length_ratio"):
         row = next(line for line in md.splitlines() if line.startswith(f"| {k} |"))
         assert row == f"| {k} | {fmt(base[k])} | {fmt(tuned[k])} | {fmt(tuned[k] - base[k])} |"
     assert "| n | 40 | 40 | 0 |" in md

@@ -4,6 +4,7 @@ accumulation invariance, packing, and resuming from a checkpoint."""
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 
 import pytest
@@ -71,6 +72,30 @@ def test_full_training_writes_metrics_and_a_loadable_model(tmp_path, tiny_model_
     ids = tok("### Instruction:\nWhat is 1 + 1?\n### Response:\n", return_tensors="pt")["input_ids"]
     generated = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > ids.shape[1]
+
+
+def test_epochs_decide_the_steps_and_every_row_is_seen_once_per_epoch(tmp_path, tiny_model_dir, train_tokens,
+                                                                      monkeypatch):
+    from instructflow import train as train_module
+    from instructflow.examples import Examples
+
+    rows = len(Examples.load(train_tokens))
+    per_epoch = rows // BASE["batch_size"]  # full batches; an epoch's remainder rows wait for the next epoch
+    seen = []
+    real_step = train_module.train_step
+
+    def counting_step(setup, wrapped, accelerator, examples, plan):
+        seen.extend(r for micro in plan.micro_batches[0] for r in micro)
+        return real_step(setup, wrapped, accelerator, examples, plan)
+
+    monkeypatch.setattr(train_module, "train_step", counting_step)
+    run, summary = _train(tmp_path, tiny_model_dir("llama"), train_tokens, epochs=2, max_steps=1)
+    assert summary["steps"] == 2 * per_epoch and summary["epochs"] == 2.0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 2 * per_epoch + 1))
+    first, second = seen[: per_epoch * BASE["batch_size"]], seen[per_epoch * BASE["batch_size"]:]
+    assert len(set(first)) == len(first) == len(set(second)) == per_epoch * BASE["batch_size"]
+    _, half = _train(tmp_path, tiny_model_dir("llama"), train_tokens, name="half", epochs=0.5)
+    assert half["steps"] == math.ceil(per_epoch / 2)
 
 
 def test_lora_exports_a_merged_plain_model(tmp_path, tiny_model_dir, train_tokens):

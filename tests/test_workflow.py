@@ -103,7 +103,8 @@ def test_every_architecture_runs_end_to_end(tiny_workflow):
         assert {"step", "loss", "lr", "tokens", "trained_tokens", "elapsed_s"} <= set(records[-1])
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         for side in ("base", "tuned"):
-            assert {"eval_loss", "perplexity", "exact_match", "rouge_l", "n"} <= set(metrics[side]), (arch, side)
+            assert {"eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "eos_rate", "length_ratio", "n"} \
+                <= set(metrics[side]), (arch, side)
         model = AutoModelForCausalLM.from_pretrained(run / "model")
         assert model.config.model_type == ARCHITECTURES[arch][0]
         assert model.generate(model.dummy_inputs["input_ids"][:1, :4], max_new_tokens=2, do_sample=False).shape[1] > 4

@@ -71,6 +71,13 @@ def cmd_report(a):
                  out_md=a.out_md, out_html=a.out_html)
 
 
+def cmd_generate(a):
+    from .generate import generate_file
+
+    generate_file(a.model, a.input, a.out, template=a.template, max_new_tokens=a.max_new_tokens,
+                  batch_size=a.batch_size)
+
+
 def cmd_train(a):
     from . import launch
 
@@ -142,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         "out_samples")
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
+    # Not a rule: a trained model's answers to a file of instructions.
+    p = add("generate", cmd_generate, "model", "input", "out", "template", optional=("template",))
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
     p = add("train", cmd_train, "run", "settings", "model", "train", "out", "metrics", "summary", "workdir",
             "accelerate_configs", optional=("accelerate_configs",))
     p.add_argument("--threads", type=int, default=1, help="CPU threads the job holds (split among processes)")

@@ -135,14 +135,17 @@ def _training_arguments(path: str, workdir: Path) -> dict:
     if unmapped:
         raise ConfigError(f"config key train.args_file: {path!r} sets {', '.join(unmapped)}, which instructflow "
                           "does not map to its own settings (it reads "
-                          f"{', '.join(sorted(TRAINING_ARGUMENTS_MAP))}, gradient_accumulation_steps and bf16); "
+                          f"{', '.join(sorted(TRAINING_ARGUMENTS_MAP))}, gradient_accumulation_steps, "
+                          "num_train_epochs and bf16); "
                           "remove those keys from the file, or set the matching train.* keys in the config "
                           "(see config/README)")
-    if "num_train_epochs" in args and not (isinstance(args.get("max_steps"), int) and args["max_steps"] > 0):
-        # TrainingArguments itself ignores num_train_epochs when max_steps is positive.
-        raise ConfigError(f"config key train.args_file: {path!r} sets num_train_epochs without a positive max_steps; "
-                          "training by epochs is not supported yet: set max_steps in the file (or train.max_steps)")
     settings = {ours: args[theirs] for theirs, ours in TRAINING_ARGUMENTS_MAP.items() if theirs in args}
+    # As in TrainingArguments, a positive max_steps decides the length of training and num_train_epochs
+    # counts only without one (the 2023 script trained num_train_epochs: 2).
+    if isinstance(args.get("max_steps"), int) and args["max_steps"] > 0:
+        settings["epochs"] = 0
+    elif "num_train_epochs" in args:
+        settings["epochs"] = args["num_train_epochs"]
     if "gradient_accumulation_steps" in args:
         # 8: TrainingArguments' own default for per_device_train_batch_size (not one of ours)
         settings["batch_size"] = args.get("per_device_train_batch_size", 8) * args["gradient_accumulation_steps"]

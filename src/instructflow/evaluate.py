@@ -30,6 +30,9 @@ METRIC_KEYS = (
     "perplexity",
     "exact_match",
     "rouge_l",
+    "chrf",
+    "eos_rate",
+    "length_ratio",
     "n",
     "n_loss_rows",
     "n_loss_tokens",
@@ -60,11 +63,13 @@ def _rouge_scorer():
 
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """Exact match and ROUGE-L F1 of predictions against references.
+    """Exact match, ROUGE-L F1 and chrF of predictions against references.
 
-    Returns ``{"exact_match": mean, "rouge_l": mean, "n": count, "exact": [bool], "rouge_l_each": [float]}``;
-    the means are None when there is nothing to score. A normalised exact match always scores
-    ROUGE-L 1.0 (rouge_score alone gives 0.0 when both sides tokenise to nothing).
+    Returns ``{"exact_match": mean, "rouge_l": mean, "chrf": corpus chrF, "n": count, "exact": [bool],
+    "rouge_l_each": [float], "chrf_each": [float]}``; the aggregates are None when there is nothing to score.
+    chrF is sacrebleu's (character n-gram F-score, 0-100, as papers report it): the corpus score over all
+    rows, and one sentence score per row. A normalised exact match always scores ROUGE-L 1.0 and chrF 100
+    (both libraries give 0 when both sides are empty).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -77,12 +82,20 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, An
         exact.append(same)
         rouge.append(1.0 if same else float(scorer.score(r, p)["rougeL"].fmeasure))
     n = len(exact)
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    chrf_each = [100.0 if same else float(chrf.sentence_score(p, [r]).score)
+                 for same, p, r in zip(exact, predictions, references)]
+    corpus = float(chrf.corpus_score(list(predictions), [list(references)]).score) if n else None
     return {
         "exact_match": (sum(exact) / n) if n else None,
         "rouge_l": (sum(rouge) / n) if n else None,
+        "chrf": 100.0 if n and all(exact) else corpus,
         "n": n,
         "exact": exact,
         "rouge_l_each": rouge,
+        "chrf_each": chrf_each,
     }
 
 
@@ -181,12 +194,15 @@ def generate(
     max_new_tokens: int = DEFAULTS["max_new_tokens"],
     batch_size: int = DEFAULTS["batch_size"],
     use_bf16: bool = False,
+    progress: bool = False,
 ) -> tuple[list[list[int]], float]:
     """Greedy continuations of ``prompts`` (1-D token tensors), in input order.
 
     Batches are length-sorted and LEFT-padded with an attention mask. Each returned list holds the
     new tokens up to (not including) the first EOS. Also returns the seconds spent in generate.
+    ``progress``: a progress bar over the batches (on stderr).
     """
+    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -203,7 +219,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int] | None] = [None] * len(prompts)
     seconds = 0.0
-    for idx in _batches(order, batch_size):
+    batches = list(_batches(order, batch_size))
+    for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -302,6 +319,9 @@ def evaluate_model(
     references = [_text(texts.at[r, "response"]) for r in rows]
     scores = score(predictions, references)
     n_new = sum(len(t) for t in generated)
+    # generate stops at EOS or at max_new_tokens: fewer new tokens than that means it stopped with EOS.
+    stopped = [len(t) < int(max_new_tokens) for t in generated]
+    reference_tokens = [len(tokenizer.encode(r, add_special_tokens=False)) for r in references]
 
     samples = pd.DataFrame(
         {
@@ -311,6 +331,10 @@ def evaluate_model(
             "prediction": pd.Series(predictions, dtype="object"),
             "exact": pd.Series(scores["exact"], dtype="bool"),
             "rouge_l": pd.Series(scores["rouge_l_each"], dtype="float64"),
+            "chrf": pd.Series(scores["chrf_each"], dtype="float64"),
+            "stopped_with_eos": pd.Series(stopped, dtype="bool"),
+            "generated_tokens": pd.Series([len(t) for t in generated], dtype="int64"),
+            "reference_tokens": pd.Series(reference_tokens, dtype="int64"),
         }
     )
     eval_loss_value = loss["eval_loss"]
@@ -323,6 +347,11 @@ def evaluate_model(
         "perplexity": perplexity,
         "exact_match": scores["exact_match"],
         "rouge_l": scores["rouge_l"],
+        "chrf": scores["chrf"],
+        # The share of generations that end with EOS (the rest ran into max_new_tokens: "never stops").
+        "eos_rate": (sum(stopped) / n_gen) if n_gen else None,
+        # Generated tokens over reference tokens, summed over the rows (1.0: as long as the references).
+        "length_ratio": (n_new / sum(reference_tokens)) if sum(reference_tokens) else None,
         "n": n_gen,
         "n_loss_rows": loss["n_loss_rows"],
         "n_loss_tokens": loss["n_loss_tokens"],

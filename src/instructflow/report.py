@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from .io import atomic_path, read_json, read_jsonl
 
-EVAL_METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "n")
+EVAL_METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "eos_rate", "length_ratio", "n")
 
 
 # ------------------------------------------------------------------------------------ formatting

@@ -356,6 +356,14 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------- train
+def planned_steps(settings: dict, planner: BatchPlanner) -> int:
+    """train.max_steps, or with train.epochs that many passes over the rows (an epoch is the planner's
+    steps_per_epoch full batches; at least one step)."""
+    if settings["epochs"]:
+        return max(1, math.ceil(settings["epochs"] * planner.steps_per_epoch))
+    return settings["max_steps"]
+
+
 class StopSignals:
     """SIGTERM (SLURM's warning before the time limit, a scheduler's preemption) and SIGINT (Ctrl-C) from
     the moment training starts loading: remembered, so the loop finishes its step, writes a checkpoint and stops. A second
@@ -444,7 +452,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         planner = BatchPlanner(examples, batch_size=settings["batch_size"],
                                micro_batch_size=settings["micro_batch_size"], world_size=world, seed=settings["seed"],
                                pack=setup.packing)
-        total = settings["max_steps"]
+        total = planned_steps(settings, planner)
         scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
             s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
         fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json")
@@ -491,7 +499,8 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     if accelerator.is_main_process:
         export(setup, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
-        summary = {"method": settings["method"], "steps": total, "resumed_from_step": progress.start,
+        summary = {"method": settings["method"], "steps": total, "epochs": round(total / planner.steps_per_epoch, 4),
+                   "resumed_from_step": progress.start,
                    "processes": accelerator.num_processes, "device": str(device), "precision": precision,
                    **setup.summary(), **progress.summary()}
         write_json(summary_path, summary)
