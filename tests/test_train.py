@@ -115,6 +115,19 @@ def test_lora_exports_a_merged_plain_model(tmp_path, tiny_model_dir, train_token
     # Loading needs no peft: the class is the plain transformers model.
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__module__.startswith("transformers.models.llama")
+    # The adapter alone, as a peft folder beside the merged weights: on the base model it gives the same logits.
+    from peft import PeftModel
+
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert str(tmp_path) not in (adapter / "adapter_config.json").read_text()  # no local path recorded
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+    ids = torch.tensor([[5, 9, 12, 40, 7, 3]])
+    with torch.no_grad():
+        merged, adapted = model.eval()(ids).logits, with_adapter(ids).logits
+    base_logits = AutoModelForCausalLM.from_pretrained(model_dir).eval()(ids).logits.detach()
+    assert (merged - base_logits).abs().max() > 1e-4  # the adapter changes the model ...
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)  # ... and both ways agree
 
 
 def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_originals(tmp_path, tiny_model_dir,

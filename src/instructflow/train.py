@@ -315,26 +315,33 @@ def start_log(log_path: Path, start_step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ export
-def merged_lora(model, model_dir: Path, settings: dict):
+def merged_lora(model, model_dir: Path, settings: dict, adapter_dir: Path | None = None):
     """The adapters merged into the base model's original fp32 weights: merged into bf16 weights, an
-    update smaller than bf16's resolution (1/256 of a weight) would round away."""
+    update smaller than bf16's resolution (1/256 of a weight) would round away. The adapter alone goes
+    to ``adapter_dir`` first where one is given (a peft folder), without the local path of the base model."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     fresh, _ = load_model(model_dir, trust_remote_code=settings.get("trust_remote_code", False))
     fresh = add_lora(fresh, settings)
     set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    if adapter_dir is not None:
+        for config in fresh.peft_config.values():
+            config.base_model_name_or_path = None
+        fresh.save_pretrained(adapter_dir, safe_serialization=True)
     return fresh.merge_and_unload()
 
 
 def export(setup: TrainingSetup, model_dir: Path, out_dir: Path, settings: dict) -> None:
-    """Write the tuned model as a plain folder that AutoModelForCausalLM loads; LoRA is merged."""
+    """Write the tuned model as a plain folder that AutoModelForCausalLM loads; LoRA is merged, and its
+    adapter alone is in the folder's ``adapter/`` (peft's PeftModel.from_pretrained(base, that folder))."""
     from transformers import AutoTokenizer
 
-    model = merged_lora(setup.model, model_dir, settings) if settings["method"] == "lora" else setup.model
-    model.config.use_cache = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
+        lora = settings["method"] == "lora"
+        model = merged_lora(setup.model, model_dir, settings, tmp / "adapter") if lora else setup.model
+        model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
         if settings.get("template_path"):
