@@ -173,25 +173,6 @@ def test_no_row_within_the_token_budget_stops_tokenize(tmp_path, tiny_model_dir)
     assert not (out / "train.safetensors").exists()
 
 
-def test_max_length_above_the_models_positions_stops_tokenize_before_any_work(tmp_path, tiny_model_dir):
-    from transformers import AutoConfig
-
-    model_dir = tiny_model_dir("gpt2")
-    limit = AutoConfig.from_pretrained(model_dir).n_positions  # GPT-2's learned position table
-    prompts_path = tmp_path / "prompts.parquet"
-    render_prompts(clean(tmp_path, "braces.csv", eval_fraction=0.0).kept, load_template(ALPACA)).to_parquet(prompts_path)
-    out = tmp_path / "tokens"
-    with pytest.raises(ifconfig.ConfigError, match=rf"tokenize\.max_length {limit + 1} is more than the {limit} "
-                                                   rf"positions the model in {re.escape(str(model_dir))} takes; "
-                                                   rf"set tokenize\.max_length to {limit} or less"):
-        run_tokenize(prompts_path, model_dir, out / "train.safetensors", out / "eval.safetensors",
-                     out / "rejected.parquet", out / "audit.json", max_length=limit + 1)
-    assert not out.exists()
-    run_tokenize(prompts_path, model_dir, out / "train.safetensors", out / "eval.safetensors",
-                 out / "rejected.parquet", out / "audit.json", max_length=limit)
-    assert (out / "train.safetensors").is_file()
-
-
 # ---------------------------------------------------------------------------------------------- config
 
 def default_config() -> dict:

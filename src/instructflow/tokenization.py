@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, defaults
+from .config import defaults
 from .examples import IGNORE_INDEX, Examples
 from .io import read_parquet, write_json, write_parquet
 
@@ -169,16 +169,8 @@ def check_audit(audit: dict) -> None:
 
 def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out_audit, *,
                  max_length: int, truncation: str = DEFAULTS["truncation"]) -> TokenizeResult:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .modeling import position_limit
-
-    # Before any work: rows longer than the model's position table would fail in training (a traceback on
-    # a CPU, a device-side assert on a GPU), minutes later.
-    limit = position_limit(AutoConfig.from_pretrained(model_dir))
-    if limit is not None and max_length > limit:
-        raise ConfigError(f"tokenize.max_length {max_length} is more than the {limit} positions the model in "
-                          f"{model_dir} takes; set tokenize.max_length to {limit} or less")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     result = tokenize_prompts(read_parquet(prompts_path), tokenizer, max_length=max_length, truncation=truncation)
     write_parquet(out_rejected, result.rejected)
