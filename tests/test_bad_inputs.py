@@ -173,6 +173,39 @@ def test_no_row_within_the_token_budget_stops_tokenize(tmp_path, tiny_model_dir)
     assert not (out / "train.safetensors").exists()
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])  # learned position tables: a longer row is an IndexError
+def test_max_length_above_a_position_table_stops_tokenize_before_any_work(tmp_path, tiny_model_dir, arch):
+    from transformers import AutoConfig
+
+    from instructflow.modeling import position_limit
+
+    model_dir = tiny_model_dir(arch)
+    limit = position_limit(AutoConfig.from_pretrained(model_dir))
+    prompts_path = tmp_path / "prompts.parquet"
+    render_prompts(clean(tmp_path, "braces.csv", eval_fraction=0.0).kept, load_template(ALPACA)).to_parquet(prompts_path)
+    out = tmp_path / "tokens"
+    paths = (out / "train.safetensors", out / "eval.safetensors", out / "rejected.parquet", out / "audit.json")
+    with pytest.raises(ifconfig.ConfigError, match=rf"tokenize\.max_length {limit + 1} is more than the {limit} "
+                                                   rf"positions the model in {re.escape(str(model_dir))} takes; "
+                                                   rf"set tokenize\.max_length to {limit} or less"):
+        run_tokenize(prompts_path, model_dir, *paths, max_length=limit + 1)
+    assert not out.exists()
+    run_tokenize(prompts_path, model_dir, *paths, max_length=limit)
+    assert (out / "train.safetensors").is_file()
+
+
+def test_max_length_above_a_rotary_models_trained_length_warns_and_tokenizes(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir("llama")  # rotary: transformers computes any position, so longer rows run
+    prompts_path = tmp_path / "prompts.parquet"
+    render_prompts(clean(tmp_path, "braces.csv", eval_fraction=0.0).kept, load_template(ALPACA)).to_parquet(prompts_path)
+    out = tmp_path / "tokens"
+    with pytest.warns(UserWarning, match=r"tokenize\.max_length 4096 is more than the 512 positions .* trained with"):
+        run_tokenize(prompts_path, model_dir, out / "train.safetensors", out / "eval.safetensors",
+                     out / "rejected.parquet", out / "audit.json", max_length=4096)
+    assert (out / "train.safetensors").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 def default_config() -> dict:

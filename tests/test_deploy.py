@@ -36,7 +36,7 @@ use rule * from instructflow
 """
 TINY = {
     "data": {"path": "data/instructions.csv", "eval_fraction": 0.2},
-    "tokenize": {"max_length": 1024},
+    "tokenize": {"max_length": 512},
     "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1,
               "checkpoint_every": 0, "precision": "fp32", "advanced": {"fused_kernels": False}},
     "evaluate": {"max_samples": 4, "max_new_tokens": 4},

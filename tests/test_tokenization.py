@@ -141,7 +141,7 @@ def test_audit_catches_broken_labels():
 
 def test_run_tokenize_writes_loadable_splits_and_refuses_a_broken_audit(tmp_path, alpaca_prompts, tiny_model_dir,
                                                                           monkeypatch):
-    model_dir = tiny_model_dir("gpt2")
+    model_dir = tiny_model_dir("llama")  # rotary: rows over its 512 positions run
     write_parquet(tmp_path / "prompts.parquet", alpaca_prompts)
     paths = [tmp_path / n for n in ("train.safetensors", "eval.safetensors", "rejected.parquet", "audit.json")]
     result = run_tokenize(tmp_path / "prompts.parquet", model_dir, *paths, max_length=1024)
@@ -217,3 +217,22 @@ def test_prompts_without_the_marker_column_keep_the_tokenizers_special_tokens(al
     result = tokenize_prompts(old, tok, max_length=4096)
     first = result.splits["train"].get(0)[0].tolist()
     assert first[0] == tok.bos_token_id and first.count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("architectures").ARCHITECTURES))
+def test_positions_are_hard_exactly_where_a_longer_row_fails(arch, tokenizer):
+    """tokenize refuses a max_length over the model's positions only where training would then fail."""
+    from conftest import build_model
+    from instructflow.modeling import position_limit, positions_are_hard
+
+    model = build_model(arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    limit = position_limit(model.config)
+    if limit is None:
+        pytest.skip(f"{arch} has no position limit (ALiBi)")
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, limit + 1, dtype=torch.long))
+        fails = False
+    except (IndexError, RuntimeError):
+        fails = True
+    assert positions_are_hard(model.config) == fails

@@ -147,6 +147,14 @@ def position_limit(config) -> int | None:
     return None
 
 
+def positions_are_hard(config) -> bool:
+    """Whether a row longer than position_limit fails: a learned position table (GPT-2, GPT-Neo, OPT) or a
+    precomputed one (GPT-J's sin/cos buffer) is indexed by position; rotary embeddings that transformers
+    computes per position (a ``rope_parameters`` config) run past it, beyond the length the model was
+    trained on."""
+    return getattr(config, "rope_parameters", None) is None
+
+
 def architecture(model) -> str:
     """The model type as transformers names it (gpt_neo, llama, ...), under peft and DDP wrappers."""
     inner = model

@@ -9,12 +9,13 @@ batch time, never by token id).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from .config import defaults
+from .config import ConfigError, defaults
 from .examples import IGNORE_INDEX, Examples
 from .io import read_parquet, write_json, write_parquet
 
@@ -167,10 +168,27 @@ def check_audit(audit: dict) -> None:
                          + (f"; first mismatches: {audit['mismatch_examples']}" if audit.get("mismatch_examples") else ""))
 
 
+def check_max_length(config, max_length: int, model_dir) -> None:
+    """Before any work: rows longer than a model's position table fail in training, minutes later (a
+    traceback on a CPU, a device-side assert on a GPU); rotary models run past their trained length."""
+    from .modeling import position_limit, positions_are_hard
+
+    limit = position_limit(config)
+    if limit is None or max_length <= limit:
+        return
+    if positions_are_hard(config):
+        raise ConfigError(f"tokenize.max_length {max_length} is more than the {limit} positions the model in "
+                          f"{model_dir} takes; set tokenize.max_length to {limit} or less")
+    warnings.warn(f"tokenize.max_length {max_length} is more than the {limit} positions the model in {model_dir} "
+                  "was trained with: rows that long train and generate, at lengths the model has not seen",
+                  stacklevel=2)
+
+
 def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out_audit, *,
                  max_length: int, truncation: str = DEFAULTS["truncation"]) -> TokenizeResult:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    check_max_length(AutoConfig.from_pretrained(model_dir), max_length, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     result = tokenize_prompts(read_parquet(prompts_path), tokenizer, max_length=max_length, truncation=truncation)
     write_parquet(out_rejected, result.rejected)
