@@ -4,8 +4,9 @@ accumulation invariance, packing, and resuming from a checkpoint."""
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,17 @@ def test_lora_under_bf16_keeps_frozen_weights_in_bf16_and_merges_into_the_fp32_o
     model_dir = tiny_model_dir("llama")
     settings = train_settings({"method": "lora", "lora": {"r": 4, "alpha": 8}})
     light = build_model(model_dir, settings)
+    weights_file = str((model_dir / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        import gc
+
+        gc.collect()
+        return weights_file in Path("/proc/self/maps").read_text()
+    assert mapped()  # loaded tensors view the file's memory map
     bf16_frozen_weights(light)
+    # ... and none does once the frozen weights are bf16: the fp32 pages are no longer held resident.
+    assert not mapped()
     dtypes = {name: p.dtype for name, p in light.named_parameters()}
     assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
     assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32

@@ -157,3 +157,8 @@ def bf16_frozen_weights(model: torch.nn.Module) -> None:
         base = module.get_base_layer() if isinstance(module, LoraLayer) else None
         if isinstance(base, torch.nn.Linear):
             base.weight.data = base.weight.data.to(torch.bfloat16)
+    # The other tensors still view the weights file's memory map, which keeps the fp32 pages of the weights
+    # just converted resident (and counted in RSS) for the whole run; copies of their own let it close.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype != torch.bfloat16:
+            tensor.data = tensor.data.clone()
