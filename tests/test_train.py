@@ -318,3 +318,16 @@ def test_fingerprint_cache_skips_unchanged_files_and_sees_an_in_place_edit(tmp_p
     assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) != first and read == ["train.safetensors"]
     cache.write_text("{torn")  # a damaged cache is only a cache
     assert train_module.fingerprint(BASE, setup, tokens, model, cache=cache) != first
+
+
+def test_training_caps_onednn_primitive_cache_before_the_first_matmul(monkeypatch):
+    """Packed micro-batches each bring new matmul shapes; oneDNN's default cache of 1,024 compiled kernels
+    grows RSS over a run (the refactor that lost this cap cost ~90 MiB peak over 6 bench steps)."""
+    from instructflow import train as train_module
+
+    monkeypatch.delenv(train_module.ONEDNN_CACHE, raising=False)
+    train_module.start_accelerator()
+    assert train_module.os.environ[train_module.ONEDNN_CACHE] == "64"
+    monkeypatch.setenv(train_module.ONEDNN_CACHE, "8")  # a user's own choice wins
+    train_module.start_accelerator()
+    assert train_module.os.environ[train_module.ONEDNN_CACHE] == "8"
