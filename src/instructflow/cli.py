@@ -74,8 +74,8 @@ def cmd_report(a):
 def cmd_generate(a):
     from .generate import generate_file
 
-    generate_file(a.model, a.input, a.out, template=a.template, max_new_tokens=a.max_new_tokens,
-                  batch_size=a.batch_size)
+    given = {"max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size}
+    generate_file(a.model, a.input, a.out, template=a.template, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_train(a):
@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train_summary", "loss_png", "out_md", "out_html")
     # Not a rule: a trained model's answers to a file of instructions.
     p = add("generate", cmd_generate, "model", "input", "out", "template", optional=("template",))
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
+    # Defaults: generate_file's own (None here), so the command and the function cannot disagree.
+    p.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens (default 256)")
+    p.add_argument("--batch-size", type=int, help="prompts generated at once (default: evaluate.batch_size)")
     p = add("train", cmd_train, "run", "settings", "model", "train", "out", "metrics", "summary", "workdir",
             "accelerate_configs", optional=("accelerate_configs",))
     p.add_argument("--threads", type=int, default=1, help="CPU threads the job holds (split among processes)")

@@ -26,6 +26,7 @@ from .render import render_prompts
 from .templates import Template, TemplateError, load_template
 
 DEFAULTS = defaults("evaluate")
+MAX_NEW_TOKENS = 256  # longer than evaluation's cap (evaluate.max_new_tokens): these answers are read, not scored
 RUN_TEMPLATE = "instructflow_template.yaml"  # written by train.export beside the model
 
 
@@ -54,7 +55,7 @@ def model_template(model_dir: str | Path, template: str | None = None) -> Templa
 
 
 def generate_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *,
-                  template: str | None = None, max_new_tokens: int = DEFAULTS["max_new_tokens"],
+                  template: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                   batch_size: int = DEFAULTS["batch_size"]) -> list[dict]:
     from .evaluate import generate, load_model
 
