@@ -44,10 +44,24 @@ TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters"
             "ours_full_unfused", "ours_full_plain", "ours_lora")
 
 
+# The CPU flags that decide which precision is fast: native bf16 (AVX-512 BF16, AMX) or fp32 only (AVX2).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_info(cpuinfo: str) -> tuple[str, list[str], str]:
+    """Model name, the speed flags it has, and its machine class ("bf16 CPU" or "fp32 CPU") from /proc/cpuinfo."""
+    lines = cpuinfo.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    present = [f for f in SPEED_FLAGS if f in flags]
+    return name, present, "bf16 CPU" if {"avx512_bf16", "amx_bf16"} & flags else "fp32 CPU"
+
+
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    info = {"cpu": cpu, "cores": usable_cores(), "torch": torch.__version__, "python": platform.python_version(),
+    path = Path("/proc/cpuinfo")
+    cpu, flags, kind = cpu_info(path.read_text() if path.exists() else "")
+    info = {"cpu": cpu, "cpu_flags": flags, "class": kind, "cores": usable_cores(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
         import transformers
@@ -140,7 +154,8 @@ def _f(value, fmt: str) -> str:
 
 def markdown(report: dict) -> str:
     m, rows, cfg = report["machine"], report["table"], report["config"]
-    device = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    flags = " ".join(m.get("cpu_flags", [])) or "none of " + " ".join(SPEED_FLAGS)
+    device = m["gpu"] or f"{m['cpu']} ({m.get('class', 'CPU')}; flags: {flags}), {m['cores']} cores"
     lines = [
         f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', '?')}; "
         f"{report['date']}. Measured matmul peak: bf16 {report['peak_bf16_gflops']:.0f} GFLOP/s, "
