@@ -78,6 +78,20 @@ def cmd_generate(a):
                   batch_size=a.batch_size)
 
 
+def cmd_chat(a):
+    from .chat import DEFAULTS, chat
+
+    chat(a.model, template=a.template, max_new_tokens=a.max_new_tokens or DEFAULTS["max_new_tokens"],
+         compare=a.compare, base=a.base)
+
+
+def cmd_serve(a):
+    from .serve import DEFAULTS, serve
+
+    serve(a.model, host=a.host, port=a.port, template=a.template,
+          max_new_tokens=a.max_new_tokens or DEFAULTS["max_new_tokens"])
+
+
 def cmd_train(a):
     from . import launch
 
@@ -153,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate, "model", "input", "out", "template", optional=("template",))
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
+    # Not rules either: a trained model in the terminal, and behind an OpenAI-compatible HTTP API.
+    for name, func in (("chat", cmd_chat), ("serve", cmd_serve)):
+        p = add(name, func, "template", optional=("template",))
+        p.add_argument("model", metavar="RUN_OR_FOLDER", help="a run name (results/runs/<run>/model) or a model folder")
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help=("longest answer, in tokens" if name == "chat" else "longest answer where a request sets "
+                             "no max_tokens") + " (default: the schema's evaluate.max_new_tokens)")
+        if name == "chat":
+            p.add_argument("--compare", action="store_true", help="answer with the base model too, then the tuned one")
+            p.add_argument("--base", help="the base model for --compare (default: the only folder in results/models)")
+        else:
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p = add("train", cmd_train, "run", "settings", "model", "train", "out", "metrics", "summary", "workdir",
             "accelerate_configs", optional=("accelerate_configs",))
     p.add_argument("--threads", type=int, default=1, help="CPU threads the job holds (split among processes)")
