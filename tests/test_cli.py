@@ -72,7 +72,7 @@ def test_subcommands_are_the_rules_names():
     from instructflow.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    tools = {"generate"}  # for users of a trained model, not stages
+    tools = {"generate", "chat", "serve"}  # for users of a trained model, not stages
     assert set(sub.choices) - tools == {"prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare",
                                         "report"}
     rules = set()

@@ -78,6 +78,20 @@ def cmd_generate(a):
     generate_file(a.model, a.input, a.out, template=a.template, **{k: v for k, v in given.items() if v is not None})
 
 
+def cmd_chat(a):
+    from .chat import chat
+
+    given = {"max_new_tokens": a.max_new_tokens} if a.max_new_tokens is not None else {}
+    chat(a.model, template=a.template, compare=a.compare, base=a.base, **given)
+
+
+def cmd_serve(a):
+    from .serve import serve
+
+    given = {"max_new_tokens": a.max_new_tokens} if a.max_new_tokens is not None else {}
+    serve(a.model, host=a.host, port=a.port, template=a.template, **given)
+
+
 def cmd_train(a):
     from . import launch
 
@@ -154,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults: generate_file's own (None here), so the command and the function cannot disagree.
     p.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens (default 256)")
     p.add_argument("--batch-size", type=int, help="prompts generated at once (default: evaluate.batch_size)")
+    # Not rules either: a trained model in the terminal, and behind an OpenAI-compatible HTTP API.
+    for name, func in (("chat", cmd_chat), ("serve", cmd_serve)):
+        p = add(name, func, "template", optional=("template",))
+        p.add_argument("model", metavar="RUN_OR_FOLDER", help="a run name (results/runs/<run>/model) or a model folder")
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help=("longest answer, in tokens" if name == "chat" else "longest answer where a request sets "
+                             "no max_tokens") + " (default 256)")
+        if name == "chat":
+            p.add_argument("--compare", action="store_true", help="answer with the base model too, then the tuned one")
+            p.add_argument("--base", help="the base model for --compare (default: the only folder in results/models)")
+        else:
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p = add("train", cmd_train, "run", "settings", "model", "train", "out", "metrics", "summary", "workdir",
             "accelerate_configs", optional=("accelerate_configs",))
     p.add_argument("--threads", type=int, default=1, help="CPU threads the job holds (split among processes)")

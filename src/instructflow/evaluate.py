@@ -170,18 +170,16 @@ def eval_loss(model, examples: Examples, *, batch_size: int = DEFAULTS["batch_si
 
 
 # ------------------------------------------------------------------------------------ generation
-def _eos_ids(examples: Examples, model) -> list[int]:
-    ids: list[int] = []
-    if "eos_token_id" in examples.metadata:
-        ids.append(examples.eos_token_id)
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-    if cfg_eos is not None:
-        ids.extend(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos])
-    out: list[int] = []
-    for i in ids:
-        if int(i) not in out:
-            out.append(int(i))
-    return out
+def eos_ids(first: int | None, model) -> list[int]:
+    """The token ids that end an answer: ``first`` (the EOS training appended) and the model's configured ones."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = [first, *(configured if isinstance(configured, (list, tuple)) else [configured])]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def stopped_with_eos(new_tokens: Sequence[int], max_new_tokens: int) -> bool:
+    """``generate`` stops at EOS or at max_new_tokens: fewer new tokens than that means it stopped with EOS."""
+    return len(new_tokens) < int(max_new_tokens)
 
 
 @torch.inference_mode()
@@ -309,7 +307,7 @@ def evaluate_model(
     generated, seconds = generate(
         model,
         [examples.prompt(i) for i in range(n_gen)],
-        eos_token_ids=_eos_ids(examples, model),
+        eos_token_ids=eos_ids(examples.eos_token_id if "eos_token_id" in examples.metadata else None, model),
         pad_token_id=int(pad_id),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
@@ -319,8 +317,7 @@ def evaluate_model(
     references = [_text(texts.at[r, "response"]) for r in rows]
     scores = score(predictions, references)
     n_new = sum(len(t) for t in generated)
-    # generate stops at EOS or at max_new_tokens: fewer new tokens than that means it stopped with EOS.
-    stopped = [len(t) < int(max_new_tokens) for t in generated]
+    stopped = [stopped_with_eos(t, max_new_tokens) for t in generated]
     reference_tokens = [len(tokenizer.encode(r, add_special_tokens=False)) for r in references]
 
     samples = pd.DataFrame(

@@ -9,12 +9,20 @@ or the one --template names, tokenized as the tokenize stage does, and answered 
 length-sorted, left-padded batches with the KV cache (the evaluate stage's `generate`). The output holds
 one JSON object per input row, in input order: row, instruction, input, output (the answer),
 stopped_with_eos and generated_tokens.
+
+It also holds what `instructflow chat` and `instructflow serve` share: finding a run's model folder
+(`resolve_model`) and `TunedModel`, a model with its tokenizer and template that renders a conversation
+as training rendered rows and streams one answer.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -23,7 +31,7 @@ from .clean import AUTO_COLUMNS, CleanError, read_table
 from .config import defaults
 from .io import atomic_path
 from .render import render_prompts
-from .templates import Template, TemplateError, load_template
+from .templates import Template, TemplateError, load_template, render_row
 
 DEFAULTS = defaults("evaluate")
 MAX_NEW_TOKENS = 256  # longer than evaluation's cap (evaluate.max_new_tokens): these answers are read, not scored
@@ -57,28 +65,185 @@ def model_template(model_dir: str | Path, template: str | None = None) -> Templa
 def generate_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *,
                   template: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                   batch_size: int = DEFAULTS["batch_size"]) -> list[dict]:
-    from .evaluate import generate, load_model
+    from .evaluate import generate, load_model, stopped_with_eos
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"{model_dir} is not a model folder (no config.json); give a run's model folder "
-                         "(results/runs/<run>/model) or a save_pretrained folder")
+    check_model_folder(model_dir)
     rows = read_instructions(input_path)
     chosen = model_template(model_dir, template)
     model, tokenizer = load_model(model_dir)
     prompts = render_prompts(rows, chosen, tokenizer=tokenizer)["prompt"].tolist()
-    # As the tokenize stage: a chat template's text already holds the special tokens, a file template's not.
-    ids = tokenizer(prompts, add_special_tokens=not chosen.chat)["input_ids"] if prompts else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    eos += [e for e in (configured if isinstance(configured, (list, tuple)) else [configured]) if e is not None]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    answers, _ = generate(model, [torch.tensor(i) for i in ids], eos_token_ids=sorted(set(eos)), pad_token_id=pad,
+    ids = encode(tokenizer, chosen, prompts) if prompts else []
+    eos, pad = stop_tokens(model, tokenizer)
+    answers, _ = generate(model, [torch.tensor(i) for i in ids], eos_token_ids=eos, pad_token_id=pad,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
     records = [{"row": int(r.row), "instruction": r.instruction, "input": r.input,
                 "output": tokenizer.decode(tokens, skip_special_tokens=True),
-                # generate stops at EOS or at max_new_tokens: fewer new tokens means it stopped with EOS
-                "stopped_with_eos": len(tokens) < max_new_tokens, "generated_tokens": len(tokens)}
+                "stopped_with_eos": stopped_with_eos(tokens, max_new_tokens), "generated_tokens": len(tokens)}
                for r, tokens in zip(rows.itertuples(index=False), answers)]
     with atomic_path(out_path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return records
+
+
+def check_model_folder(model_dir: str | Path) -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a model folder (no config.json); give a run's model folder "
+                         "(results/runs/<run>/model) or a save_pretrained folder")
+
+
+def encode(tokenizer, template: Template, prompts: list[str]) -> list[list[int]]:
+    """As the tokenize stage: a chat template's text already holds the special tokens, a file template's not."""
+    return tokenizer(prompts, add_special_tokens=not template.chat)["input_ids"]
+
+
+def stop_tokens(model, tokenizer) -> tuple[list[int], int]:
+    """The token ids that end an answer (the tokenizer's EOS and the model's configured ones) and the pad id."""
+    from .evaluate import eos_ids
+
+    eos = eos_ids(tokenizer.eos_token_id, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return eos, int(pad)
+
+
+# ------------------------------------------------------------------- chat and serve: one model, one answer
+def resolve_model(run_or_folder: str | Path) -> Path:
+    """A run name (its model, results/runs/<run>/model under the current folder) or a model folder."""
+    name = str(run_or_folder)
+    run_model = Path("results") / "runs" / name / "model"
+    if "/" not in name and name not in (".", "..") and run_model.is_dir():
+        return run_model
+    folder = Path(name)
+    if folder.is_dir():
+        check_model_folder(folder)
+        return folder
+    if "/" not in name and name not in (".", ".."):
+        raise ValueError(f"run {name!r} has not trained: there is no {run_model} under {Path.cwd()}; train it "
+                         f"(snakemake --cores 2 {run_model}) or give a model folder")
+    raise ValueError(f"{folder} is not a folder; give a run name or a model folder (results/runs/<run>/model)")
+
+
+def model_name(folder: Path) -> str:
+    """How the model is named to users: a run's model folder (<run>/model) by the run, else by its own name."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
+@dataclass
+class Answer:
+    """One streamed answer: iterate it for the text as it is generated; then ``tokens`` holds the new token
+    ids (up to the first stop token) and ``finish`` says why it ended: "stop" (a stop token), "length"
+    (max_new_tokens) or "interrupted" (``interrupt`` was set)."""
+
+    pieces: Iterator[str]
+    tokens: list[int]
+    finish: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class TunedModel:
+    """A model folder's model, tokenizer and prompt template (the run's own, or ``template``), loaded for
+    answering conversations one at a time."""
+
+    def __init__(self, folder: str | Path, template: str | None = None):
+        from .evaluate import load_model
+        from .modeling import position_limit, positions_are_hard
+
+        self.folder = Path(folder)
+        check_model_folder(self.folder)
+        self.template = model_template(self.folder, template)
+        if self.template.chat:  # before the model loads
+            from transformers import AutoTokenizer
+
+            if not getattr(AutoTokenizer.from_pretrained(str(self.folder)), "chat_template", None):
+                raise ValueError(f"template {self.template.name!r} uses the model's chat template, but the tokenizer "
+                                 f"in {self.folder} has none; give --template alpaca (or the template file the "
+                                 "model was trained with)")
+        self.model, self.tokenizer = load_model(self.folder)
+        self.eos, self.pad = stop_tokens(self.model, self.tokenizer)
+        # Beyond a learned position table a prompt fails; rotary positions run on (as tokenize's check).
+        self.limit = position_limit(self.model.config) if positions_are_hard(self.model.config) else None
+        self.lock = threading.Lock()  # one generation at a time
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation (OpenAI-style role/content dicts) rendered as training rendered a row: with a chat
+        template every turn; with a file template only the last user message, as the instruction."""
+        if self.template.chat:
+            # render_row renders a training row's turns but its last (the trained answer): add an empty one.
+            turns = json.dumps(list(messages) + [{"role": "assistant", "content": ""}], ensure_ascii=False)
+            prompt, _ = render_row(self.template, "", "", "", messages=turns, tokenizer=self.tokenizer)
+        else:
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            if not users:
+                raise ValueError("there is no user message to answer")
+            prompt, _ = render_row(self.template, users[-1], "", "")
+        return encode(self.tokenizer, self.template, [prompt])[0]
+
+    def answer(self, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               interrupt: threading.Event | None = None) -> Answer:
+        """Stream the answer to ``ids``: greedy at temperature 0, else sampled; ``interrupt`` stops it."""
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if self.limit is not None:
+            if len(ids) >= self.limit:
+                raise ValueError(f"the prompt is {len(ids)} tokens and the model takes at most {self.limit}; "
+                                 "send a shorter one (in chat: /reset forgets the earlier turns)")
+            max_new_tokens = min(max_new_tokens, self.limit - len(ids))
+        interrupt = interrupt or threading.Event()
+
+        class Interrupted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), interrupt.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        sampling = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0) \
+            if temperature > 0 else dict(do_sample=False)
+        config = GenerationConfig(max_new_tokens=int(max_new_tokens), eos_token_id=self.eos, pad_token_id=self.pad,
+                                  use_cache=True, **sampling)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        device = next(self.model.parameters()).device
+        answer = Answer(pieces=iter(()), tokens=[])
+        done: dict = {}
+
+        def work():
+            # As evaluate.generate: the checkpoint's own generation_config would be merged into ours.
+            saved, self.model.generation_config = self.model.generation_config, copy.deepcopy(config)
+            try:
+                prompt = torch.tensor([ids], device=device)
+                done["out"] = self.model.generate(
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([Interrupted()]))
+            except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+                done["error"] = err
+                streamer.end()
+            finally:
+                self.model.generation_config = saved
+
+        def finish():
+            new = done["out"][0, len(ids):].tolist()
+            stopped = next((i for i, t in enumerate(new) if t in self.eos), None)
+            answer.tokens = new if stopped is None else new[:stopped]
+            answer.finish = ("stop" if stopped is not None else "interrupted" if interrupt.is_set()
+                             and len(new) < max_new_tokens else "length")
+
+        def pieces():
+            with self.lock:
+                thread = threading.Thread(target=work, daemon=True)
+                thread.start()
+                try:
+                    yield from (piece for piece in streamer if piece)  # it sends "" while a word is unfinished
+                except GeneratorExit:  # the caller stopped reading (a client that went away): stop generating
+                    interrupt.set()
+                    raise
+                finally:
+                    thread.join()
+                    if "out" in done:
+                        finish()
+            if "error" in done:
+                raise done["error"]
+
+        answer.pieces = pieces()
+        return answer

@@ -1,0 +1,168 @@
+"""`instructflow chat`: driven in a pseudo-terminal (pexpect) on a tiny model folder as a run exports it:
+answers streamed as the model's own greedy generate gives them, Ctrl-C stops only the answer being
+generated, --compare labels both models; the prompts it renders; its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pexpect
+import pytest
+import torch
+
+from conftest import REPO
+from instructflow import cli
+from instructflow.generate import RUN_TEMPLATE, TunedModel, resolve_model
+from instructflow.templates import bundled_path, render_prompt
+
+
+def exported(tiny_model_dir, tmp_path_factory, template: str):
+    """A model folder as a run exports it, trained (here: as if) with ``template``."""
+    folder = tmp_path_factory.mktemp(f"run-{template}") / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    shutil.copy(bundled_path(template), folder / RUN_TEMPLATE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def alpaca_model(tiny_model_dir, tmp_path_factory):
+    return exported(tiny_model_dir, tmp_path_factory, "alpaca")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model_dir, tmp_path_factory):
+    return exported(tiny_model_dir, tmp_path_factory, "chat")
+
+
+def greedy(folder, prompt: str, max_new_tokens: int, special: bool = True) -> str:
+    """The model's own greedy answer to ``prompt``, up to EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=special)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TERM": "dumb"}
+    env.pop("INSTRUCTFLOW_DEBUG", None)
+    return pexpect.spawn(sys.executable, ["-m", "instructflow", "chat", *args], env=env, encoding="utf-8",
+                         timeout=60, dimensions=(24, 4000))
+
+
+def test_answers_stream_and_ctrl_c_stops_only_the_answer(alpaca_model):
+    # "Hello" does not reach EOS in this model for thousands of tokens: only Ctrl-C ends that answer.
+    child = spawn(str(alpaca_model), "--max-new-tokens", "100000")
+    child.expect("each message is a fresh single instruction")
+    child.expect_exact(">>> ")
+    child.sendline("Hello")
+    child.expect_exact("Hello")  # the echo
+    child.expect(r"\S{8}")  # the answer's first words, printed while it is still being generated
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(">>> ")
+    # The session goes on: the next message is answered in full (it stops with EOS), as generate answers it.
+    child.sendline("Say hello")
+    child.expect_exact(">>> ")
+    shown = child.before.replace("\r\n", "\n")
+    assert greedy(alpaca_model, render_prompt(bundled_path("alpaca"), "Say hello"), 400) in shown
+    assert "[stopped]" not in shown
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_compare_answers_with_the_base_model_then_the_tuned_one(alpaca_model, tiny_model_dir):
+    child = spawn(str(alpaca_model), "--compare", "--base", str(tiny_model_dir("gpt2")), "--max-new-tokens", "6")
+    child.expect_exact(">>> ")
+    child.sendline("Say hello")
+    child.expect_exact("[base] ")
+    child.expect_exact("[tuned] ")
+    child.expect_exact(">>> ")
+    child.sendeof()  # Ctrl-D ends the session
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_a_chat_template_keeps_the_conversation(chat_model):
+    from transformers import AutoTokenizer
+
+    child = spawn(str(chat_model), "--max-new-tokens", "12")
+    child.expect("multi-turn")
+    child.expect_exact(">>> ")
+    child.sendline("Hi")
+    child.expect_exact(">>> ")
+    first = child.before.replace("\r\n", "\n").split("\n")[1]  # after the echo
+    child.sendline("Say hello")
+    child.expect_exact(">>> ")
+    shown = child.before.replace("\r\n", "\n")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    # The second answer is the model's answer to the whole conversation so far.
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "Say hello"}]
+    prompt = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(conversation, tokenize=False,
+                                                                            add_generation_prompt=True)
+    second = greedy(chat_model, prompt, 12, special=False)
+    assert second and f"Say hello\n{second}\n" in shown
+    alone = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(conversation[2:], tokenize=False,
+                                                                           add_generation_prompt=True)
+    assert greedy(chat_model, alone, 12, special=False) != second  # so the check above can tell
+
+
+def test_prompts_are_rendered_as_in_training(alpaca_model, chat_model):
+    from transformers import AutoTokenizer
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"}]
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    # A chat template: the whole conversation, as the tokenizer's chat template renders it.
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert TunedModel(chat_model).prompt_ids(conversation) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    # A file template: the last user message only, as the instruction.
+    text = render_prompt(bundled_path("alpaca"), "What is 2 + 2?")
+    assert TunedModel(alpaca_model).prompt_ids(conversation) == tokenizer(text)["input_ids"]
+
+
+def test_a_run_name_is_its_model_folder(alpaca_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(alpaca_model, tmp_path / "results" / "runs" / "mine" / "model")
+    assert resolve_model("mine") == tmp_path.joinpath("results/runs/mine/model").relative_to(tmp_path)
+
+
+def one_line_error(capsys, *argv) -> str:
+    assert cli.main(["chat", *argv]) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("instructflow chat: ") and "Traceback" not in err
+    return line
+
+
+def test_clear_errors(alpaca_model, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, str(tmp_path))
+    assert f"{tmp_path} is not a model folder (no config.json)" in line and "results/runs/<run>/model" in line
+    line = one_line_error(capsys, "untrained")
+    assert "run 'untrained' has not trained: there is no results/runs/untrained/model" in line
+    assert "snakemake" in line and "or give a model folder" in line
+    # A chat template asked of a tokenizer that has none.
+    plain = tmp_path / "plain"
+    shutil.copytree(alpaca_model, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    line = one_line_error(capsys, str(plain), "--template", "chat")
+    assert f"the tokenizer in {plain} has none" in line and "--template alpaca" in line
+    # --compare without --base, and no prepared model to take
+    line = one_line_error(capsys, str(alpaca_model), "--compare")
+    assert "--compare needs the base model" in line and "--base FOLDER" in line
