@@ -78,6 +78,12 @@ def cmd_generate(a):
                   batch_size=a.batch_size)
 
 
+def cmd_export_gguf(a):
+    from .export_gguf import export_gguf
+
+    print(export_gguf(a.model, a.out, a.type, name=a.name))
+
+
 def cmd_train(a):
     from . import launch
 
@@ -149,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "out_samples")
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
+    p = add("export-gguf", cmd_export_gguf, "model", "out", "name", optional=("name",))
+    p.add_argument("--type", default="q8_0", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
     # Not a rule: a trained model's answers to a file of instructions.
     p = add("generate", cmd_generate, "model", "input", "out", "template", optional=("template",))
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
