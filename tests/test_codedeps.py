@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from instructflow import codedeps
 
-STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report")
+STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report", "export-gguf")
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -124,6 +124,7 @@ STAGE_ARGS = {
     "evaluate": lambda t: _missing(t, "model", "examples", "prompts", "metrics", "samples"),
     "compare": lambda t: _missing(t, "base-metrics", "tuned-metrics", "base-samples", "tuned-samples", "out-metrics",
                                   "out-samples"),
+    "export-gguf": lambda t: _missing(t, "model", "out"),
     "report": lambda t: ["--run", "r"] + _missing(t, "metrics-jsonl", "eval-metrics", "samples-md", "clean-report",
                                                   "audit", "train-summary", "loss-png", "out-md", "out-html"),
 }

@@ -31,17 +31,18 @@ READERS = {
     "clean": {"render", "report"},
     "render": {"tokenize", "evaluate_base", "evaluate"},
     "tokenize": {"train", "evaluate_base", "evaluate", "report"},
-    "train": {"evaluate", "report"},
+    "train": {"evaluate", "report", "export_gguf"},
     "evaluate_base": {"compare"},
     "evaluate": {"compare"},
     "compare": {"report"},
     "report": set(),
+    "export_gguf": set(),
 }
 STAGE = {rule: "evaluate" if rule == "evaluate_base" else rule.replace("_", "-") for rule in READERS}
 CONFIG = {
     "data": {"path": "data/instructions.csv", "eval_fraction": 0.2},
     "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "precision": "fp32"},
-    "runs": {"default": {}},
+    "runs": {"default": {"export": {"gguf": ["q8_0"]}}},  # so the opt-in export_gguf rule is in the DAG
 }
 
 

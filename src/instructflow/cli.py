@@ -92,6 +92,12 @@ def cmd_serve(a):
     serve(a.model, host=a.host, port=a.port, template=a.template, **given)
 
 
+def cmd_export_gguf(a):
+    from .export_gguf import export_gguf
+
+    print(export_gguf(a.model, a.out, a.type, name=a.name))
+
+
 def cmd_train(a):
     from . import launch
 
@@ -163,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "out_samples")
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
+    p = add("export-gguf", cmd_export_gguf, "model", "out", "name", optional=("name",))
+    p.add_argument("--type", default="q8_0", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
     # Not a rule: a trained model's answers to a file of instructions.
     p = add("generate", cmd_generate, "model", "input", "out", "template", optional=("template",))
     # Defaults: generate_file's own (None here), so the command and the function cannot disagree.

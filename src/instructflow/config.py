@@ -182,12 +182,14 @@ def train_settings(settings: dict) -> dict:
 
 
 def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
-    """Run name -> {"model": {...}, "model_key", "template", "template_path", "template_key", "train": {...}}."""
+    """Run name -> {"model": {...}, "model_key", "template", "template_path", "template_key", "train": {...},
+    "export": {"gguf": [...]}}."""
     from .prepare_model import model_key  # imports torch: only where runs are resolved, not for defaults()
 
     runs = {}
     for name, override in config["runs"].items():
-        run = _merge({"model": config["model"], "template": config["template"], "train": {}}, override or {})
+        run = _merge({"model": config["model"], "template": config["template"], "train": {},
+                      "export": config["export"]}, override or {})
         train = _merge(config["train"], run["train"])
         if train.get("args_file"):
             train = _merge(train, _training_arguments(train["args_file"], workdir))

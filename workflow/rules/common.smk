@@ -30,6 +30,7 @@ wildcard_constraints:
     run="|".join(map(lambda name: name.replace(".", r"\."), RUNS)),
     model=r"[A-Za-z0-9._-]+",
     template=r"[A-Za-z0-9._-]+",
+    gguf_type="|".join(ifconfig.load_schema()["$defs"]["gguf_type"]["enum"]),
 
 
 def run_paths(run):
@@ -73,3 +74,8 @@ def get_run_processes(wildcards, resources):
 
 def json_option(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def gguf_targets():
+    """The GGUF files the runs ask for (export.gguf): none unless a run lists a type."""
+    return [f"results/runs/{run}/gguf/model-{t}.gguf" for run, r in RUNS.items() for t in r["export"]["gguf"]]
