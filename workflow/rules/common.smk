@@ -24,12 +24,16 @@ from instructflow.templates import load_template
 CONFIG, RUNS = ifconfig.load(config, Path.cwd())
 TEMPLATES = {r["template_key"]: r["template_path"] for r in RUNS.values()}  # key -> file (config.template_key)
 MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
+# evaluate.test_sets: name -> {"path", "columns"}; the evaluate stage's own options are the other keys.
+TEST_SETS = CONFIG["evaluate"]["test_sets"]
+EVALUATE_OPTIONS = {k: v for k, v in CONFIG["evaluate"].items() if k != "test_sets"}
 
 
 wildcard_constraints:
     run="|".join(map(lambda name: name.replace(".", r"\."), RUNS)),
     model=r"[A-Za-z0-9._-]+",
     template=r"[A-Za-z0-9._-]+",
+    testset="|".join(map(lambda name: name.replace(".", r"\."), TEST_SETS)) or "(?!)",
 
 
 def run_paths(run):
@@ -50,8 +54,8 @@ def get_render_model(wildcards):
 
 def from_run(pattern):
     """An input function: ``pattern`` (a path with {model} and {template}) filled in for the run's
-    model and template, so a run reads the shared upstream outputs it needs."""
-    return lambda wildcards: pattern.format(**run_paths(wildcards.run))
+    model and template, so a run reads the shared upstream outputs it needs (and the job's own wildcards)."""
+    return lambda wildcards: pattern.format(**dict(wildcards.items()), **run_paths(wildcards.run))
 
 
 def get_train_settings(wildcards):
@@ -73,3 +77,17 @@ def get_run_processes(wildcards, resources):
 
 def json_option(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def test_set_files(pattern):
+    """An input function: ``pattern`` (with {testset}, and {run}, {model}, {template}) for every test set of
+    evaluate.test_sets, in config order; none without test sets."""
+    return lambda wildcards: [pattern.format(testset=name, run=wildcards.run, **run_paths(wildcards.run))
+                              for name in TEST_SETS]
+
+
+def get_test_sets(wildcards, input):
+    """compare's --test-sets option: name -> the set's file and its base and tuned metrics (rule inputs)."""
+    files = zip(TEST_SETS, input.test_sets_base, input.test_sets_tuned)
+    return json_option({name: {"path": TEST_SETS[name]["path"], "base": base, "tuned": tuned}
+                        for name, base, tuned in files})
