@@ -9,6 +9,9 @@
 #   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
 #   results/runs/{run}/gguf/model-{gguf_type}.gguf  only the types a run lists in export.gguf (export_gguf)
 #   results/runs/{run}/checkpoints/   resumable state, deliberately not a rule output
+#   results/test_sets/{testset}/ clean.parquet, prompts/{model}/{template}.parquet, tokens/{model}/{template}/
+#     and results/base_eval/{model}/{template}/test_sets/{testset}/, results/runs/{run}/eval/test_sets/{testset}/
+#     for each of evaluate.test_sets (the *_test_set rules), merged into eval/metrics.json by compare
 # Stages before train depend only on (model, template), so runs that share them share the work.
 
 configfile: "config/config.yaml"

@@ -69,6 +69,24 @@ def test_fatal_files_name_file_place_and_fix(tmp_path, name):
     assert not (tmp_path / "out" / "clean.parquet").exists()  # nothing half-done for render to trust
 
 
+# The same files as a test set (evaluate.test_sets.qa, cleaned as rule clean_test_set does): the fix names the set.
+TEST_SET_FATAL = {
+    "missing_output_column.csv": r"cannot find the 'output' column.*Set evaluate\.test_sets\.qa\.columns\.output",
+    "empty.csv": r"file is empty.*point evaluate\.test_sets\.qa\.path at",
+    "header_only.csv": r"header but no data rows; point evaluate\.test_sets\.qa\.path at",
+    "all_rejected.csv": r"all 2 rows were rejected.*fix the data or evaluate\.test_sets\.qa\.columns",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SET_FATAL))
+def test_fatal_files_as_a_test_set_name_the_set(tmp_path, name):
+    with pytest.raises(CleanError) as err:
+        clean(tmp_path, name, eval_fraction=1.0, config_key="evaluate.test_sets.qa")
+    assert str(err.value).startswith(str(CORPUS / name))
+    assert re.search(TEST_SET_FATAL[name], str(err.value)), str(err.value)
+    assert "data." not in str(err.value)
+
+
 def test_misnamed_column_in_config(tmp_path):
     with pytest.raises(CleanError, match=r"placeholders\.csv: data\.columns\.output is 'answer'.*columns found"):
         clean(tmp_path, "placeholders.csv", columns={"output": "answer"})

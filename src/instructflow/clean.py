@@ -303,7 +303,7 @@ def _read_csv(path: Path, text: str) -> pd.DataFrame:
     return _stringify(df)
 
 
-def read_table(path) -> pd.DataFrame:
+def read_table(path, config_key: str = "data") -> pd.DataFrame:
     """Read CSV/TSV, JSON, JSONL/NDJSON or Parquet into a DataFrame whose text cells are all `str`.
 
     Every cell is read as written: CSV cells as their text (literal strings such as "nan", "None" or
@@ -312,7 +312,8 @@ def read_table(path) -> pd.DataFrame:
     null or an absent key, Parquet null) become "" (never NaN). Chat columns (lists of turns) keep their
     list values. A .csv whose header is one field under "," but splits under ";", tab or "|" is read
     with that separator. Rows are records: for CSV the header is not counted, for JSONL blank lines are
-    not counted; JSONL records are split on "\n" only (a U+2028 inside a string is text).
+    not counted; JSONL records are split on "\n" only (a U+2028 inside a string is text). ``config_key``: the
+    config section that names the file (``data``, or a test set's ``evaluate.test_sets.NAME``), for messages.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -330,7 +331,7 @@ def read_table(path) -> pd.DataFrame:
     raw = path.read_bytes()
     text = _decode(path, raw)
     if not text.strip():
-        raise CleanError(f"{path}: file is empty (no header, no rows); point data.path at the file with your data")
+        raise CleanError(f"{path}: file is empty (no header, no rows); point {config_key}.path at the file with your data")
 
     if suffix in {".csv", ".tsv"}:
         return _read_csv(path, text)
@@ -370,26 +371,27 @@ def read_table(path) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------------------------- columns
 
-def resolve_columns(df: pd.DataFrame, columns: dict | None, source: str) -> dict[str, str]:
+def resolve_columns(df: pd.DataFrame, columns: dict | None, source: str, config_key: str = "data") -> dict[str, str]:
     """Map canonical names to the file's columns.
 
     Alpaca-style data gives {"instruction", "input", "output"} (input may be missing: it is then
     optional and absent from the mapping). Chat data gives {"messages": <column>} for a `messages`
     (role/content) or `conversations` (ShareGPT from/value) column. `columns` (from the config's
-    data.columns) may name any of instruction/input/output/messages; the rest are auto-detected.
+    data.columns, or a test set's columns: ``config_key`` names that section in messages) may name any of
+    instruction/input/output/messages; the rest are auto-detected.
     """
     columns = {k: v for k, v in (columns or {}).items() if v}
     unknown = set(columns) - set(CANONICAL) - {"messages"}
     if unknown:
         raise CleanError(
-            f"{source}: unknown key(s) in data.columns: {sorted(unknown)}; "
+            f"{source}: unknown key(s) in {config_key}.columns: {sorted(unknown)}; "
             "allowed: instruction, input, output, messages"
         )
     found = [str(c) for c in df.columns]
-    for key, col in columns.items():
+    for name, col in columns.items():
         if col not in found:
             raise CleanError(
-                f"{source}: data.columns.{key} is {col!r}, but the file has no such column; "
+                f"{source}: {config_key}.columns.{name} is {col!r}, but the file has no such column; "
                 f"columns found: {found}"
             )
     lower = {c.strip().lower(): c for c in reversed(found)}  # first spelling wins on case clashes
@@ -398,13 +400,13 @@ def resolve_columns(df: pd.DataFrame, columns: dict | None, source: str) -> dict
         return {"messages": columns["messages"]}
 
     mapping: dict[str, str] = {}
-    for key in CANONICAL:
-        if key in columns:
-            mapping[key] = columns[key]
+    for name in CANONICAL:
+        if name in columns:
+            mapping[name] = columns[name]
             continue
-        for cand in AUTO_COLUMNS[key]:
+        for cand in AUTO_COLUMNS[name]:
             if cand in lower:
-                mapping[key] = lower[cand]
+                mapping[name] = lower[cand]
                 break
 
     if "instruction" in mapping and "output" in mapping:
@@ -417,7 +419,7 @@ def resolve_columns(df: pd.DataFrame, columns: dict | None, source: str) -> dict
     missing = next(k for k in ("instruction", "output") if k not in mapping)
     raise CleanError(
         f"{source}: cannot find the {missing!r} column; columns found: {found}. "
-        f"Set data.columns.{missing} in the config to the column that holds it "
+        f"Set {config_key}.columns.{missing} in the config to the column that holds it "
         f"(auto-detected names: {', '.join(AUTO_COLUMNS[missing])}; chat data needs a "
         f"'messages' or 'conversations' column)."
     )
@@ -555,6 +557,7 @@ def clean_table(
     placeholders: list[str] = DEFAULT_PLACEHOLDERS,
     max_chars: int = DEFAULTS["max_chars"],
     eval_fraction: float = DEFAULTS["eval_fraction"],
+    config_key: str = "data",
 ) -> CleanResult:
     """Normalise, reject and split the rows of `df` (as returned by :func:`read_table`).
 
@@ -566,7 +569,7 @@ def clean_table(
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
     if max_chars <= 0:
         raise ValueError(f"max_chars must be positive, got {max_chars}")
-    mapping = resolve_columns(df, columns, source)
+    mapping = resolve_columns(df, columns, source, config_key)
     chat = "messages" in mapping
     placeholder_set = {p.strip().lower() for p in placeholders}
 
@@ -658,18 +661,20 @@ def clean_table(
 def run_clean(path, out_clean, out_rejected, out_report, **kwargs) -> CleanResult:
     """Read `path`, clean it, and write kept rows (Parquet), rejected rows (Parquet) and the report (JSON).
 
-    kwargs go to :func:`clean_table` (columns, placeholders, max_chars, eval_fraction).
+    kwargs go to :func:`clean_table` (columns, placeholders, max_chars, eval_fraction, config_key). A test set is
+    cleaned with eval_fraction 1 (every row held out) and its config key, which the messages then name.
     """
-    df = read_table(path)
+    config_key = kwargs.get("config_key", "data")
+    df = read_table(path, config_key)
     result = clean_table(df, source=str(path), **kwargs)
     # Nothing to train on: stop here, where the cause is known, not in training with an empty batch.
     if not result.report["rows_in"]:
-        raise CleanError(f"{path}: the file has a header but no data rows; point data.path at the file with "
+        raise CleanError(f"{path}: the file has a header but no data rows; point {config_key}.path at the file with "
                          "your data")
     if not result.report["rows_kept"]:
         first = result.rejected.head(3)[["row", "reason"]].to_dict("records")
         raise CleanError(f"{path}: all {result.report['rows_in']} rows were rejected "
-                         f"({result.report['rejected_by_reason']}; first: {first}); fix the data or data.columns")
+                         f"({result.report['rejected_by_reason']}; first: {first}); fix the data or {config_key}.columns")
     write_parquet(out_clean, result.kept)
     write_parquet(out_rejected, result.rejected)
     write_json(out_report, result.report)

@@ -59,7 +59,8 @@ def cmd_evaluate(a):
 def cmd_compare(a):
     from .evaluate import compare
 
-    compare(a.base_metrics, a.tuned_metrics, a.base_samples, a.tuned_samples, a.out_metrics, a.out_samples)
+    compare(a.base_metrics, a.tuned_metrics, a.base_samples, a.tuned_samples, a.out_metrics, a.out_samples,
+            test_sets=_json(a.test_sets or ""))
 
 
 def cmd_report(a):
@@ -163,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     add("clean", cmd_clean, "data", "clean", "rejected", "report", "options")
     add("render", cmd_render, "clean", "template", "out", "model", optional=("model",))
-    add("tokenize", cmd_tokenize, "prompts", "model", "train", "eval", "rejected", "audit", "options")
+    add("tokenize", cmd_tokenize, "prompts", "model", "train", "eval", "rejected", "audit", "options",
+        optional=("options", "train"))  # no --train: a test set (options {"test_set": NAME}), all rows evaluated
     add("evaluate", cmd_evaluate, "model", "examples", "prompts", "metrics", "samples", "options")
     add("compare", cmd_compare, "base_metrics", "tuned_metrics", "base_samples", "tuned_samples", "out_metrics",
-        "out_samples")
+        "out_samples", "test_sets", optional=("test_sets",))
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
     p = add("export-gguf", cmd_export_gguf, "model", "out", "name", optional=("name",))

@@ -100,6 +100,8 @@ def validate(config: dict, schema: dict | None = None) -> dict:
         errors = sorted(validator.iter_errors(config), key=lambda e: len(e.absolute_path))
     if errors:
         err = errors[0]
+        while err.validator == "oneOf" and err.context:  # the alternative that got furthest says what is wrong
+            err = max(err.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
         key = _key(err.absolute_path)
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
@@ -274,9 +276,21 @@ def check_inputs(config: dict, workdir: Path = Path(".")) -> None:
     data = workdir / config["data"]["path"]
     if not data.is_file():
         raise ConfigError(f"config key data.path: file {config['data']['path']!r} not found (from {workdir.resolve()})")
+    for name, test_set in config["evaluate"]["test_sets"].items():
+        if not (workdir / test_set["path"]).is_file():
+            raise ConfigError(f"config key evaluate.test_sets.{name}.path: test set {name!r}: file {test_set['path']!r} "
+                              f"not found (from {workdir.resolve()}); point it at your evaluation file or remove the set")
+
+
+def normalise_test_sets(config: dict) -> dict:
+    """evaluate.test_sets with every set as {"path", "columns"} (a bare string is the path)."""
+    sets = config["evaluate"]["test_sets"]
+    for name, test_set in sets.items():
+        sets[name] = {"path": test_set, "columns": {}} if isinstance(test_set, str) else {"columns": {}, **test_set}
+    return config
 
 
 def load(config: dict, workdir: Path = Path(".")) -> tuple[dict, dict[str, dict]]:
-    config = validate(config)
+    config = normalise_test_sets(validate(config))
     check_inputs(config, workdir)
     return config, resolve_runs(config, workdir)

@@ -389,6 +389,11 @@ def _truncate(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _compared(base: dict, tuned: dict) -> dict:
+    keys = [k for k in base if k in tuned] + [k for k in tuned if k not in base]
+    return {"base": base, "tuned": tuned, "delta": {k: _delta(base.get(k), tuned.get(k)) for k in keys}}
+
+
 def compare(
     base_metrics_path,
     tuned_metrics_path,
@@ -396,13 +401,16 @@ def compare(
     tuned_samples_path,
     out_metrics,
     out_samples_md,
+    test_sets: dict | None = None,
 ) -> dict:
-    """Write {"base", "tuned", "delta"} metrics JSON and a side-by-side Markdown samples table."""
-    base = read_json(base_metrics_path)
-    tuned = read_json(tuned_metrics_path)
-    keys = [k for k in base if k in tuned] + [k for k in tuned if k not in base]
-    delta = {k: _delta(base.get(k), tuned.get(k)) for k in keys}
-    combined = {"base": base, "tuned": tuned, "delta": delta}
+    """Write {"base", "tuned", "delta"} metrics JSON of the held-out split and a side-by-side Markdown
+    samples table. ``test_sets``: name -> {"path": the set's file, "base": and "tuned": its metrics JSON
+    files}; the JSON then also holds "test_sets": name -> {"path", "base", "tuned", "delta"}."""
+    combined = _compared(read_json(base_metrics_path), read_json(tuned_metrics_path))
+    if test_sets:
+        combined["test_sets"] = {name: {"path": files["path"], **_compared(read_json(files["base"]),
+                                                                           read_json(files["tuned"]))}
+                                 for name, files in test_sets.items()}
     write_json(out_metrics, combined)
 
     b = read_parquet(base_samples_path)

@@ -242,6 +242,14 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
             blocks.append(("table", ["other metric", "base", "tuned"], [[k, fmt(base.get(k)), fmt(tuned.get(k))] for k in extra]))
     else:
         blocks.append(("p", "No evaluation metrics."))
+    if ev and ev.get("test_sets"):
+        blocks.append(("h", 3, "Your test sets: base vs tuned"))
+        blocks.append(("p", "Each set's file is evaluated in full (loss over every row that fits tokenize.max_length, "
+                            "generations for the first evaluate.max_samples); none of its rows is trained on."))
+        rows = [[f"{name} ({result.get('path', '')})" if i == 0 else "", k, fmt(result["base"].get(k)),
+                 fmt(result["tuned"].get(k)), fmt(result["delta"].get(k))]
+                for name, result in ev["test_sets"].items() for i, k in enumerate(EVAL_METRICS + ("n_loss_rows",))]
+        blocks.append(("table", ["test set", "metric", "base", "tuned", "delta (tuned − base)"], rows))
 
     blocks.append(("h", 2, "Training"))
     ts = _load_json(train_summary)

@@ -185,7 +185,9 @@ def check_max_length(config, max_length: int, model_dir) -> None:
 
 
 def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out_audit, *,
-                 max_length: int, truncation: str = DEFAULTS["truncation"]) -> TokenizeResult:
+                 max_length: int, truncation: str = DEFAULTS["truncation"], test_set: str | None = None) -> TokenizeResult:
+    """Tokenize rendered prompts into the train and eval examples. ``test_set`` (its name): the prompts are
+    one of evaluate.test_sets, every row held out, so only ``out_eval`` is written (``out_train`` is None)."""
     from transformers import AutoConfig, AutoTokenizer
 
     check_max_length(AutoConfig.from_pretrained(model_dir), max_length, model_dir)
@@ -195,10 +197,24 @@ def run_tokenize(prompts_path, model_dir, out_train, out_eval, out_rejected, out
     write_json(out_audit, result.audit)
     # Snakemake deletes a failed job's outputs, so the error message itself carries the evidence.
     check_audit(result.audit)
+    if test_set is not None:
+        return _save_test_set(result, test_set, out_train, out_eval, max_length)
     if not len(result.splits["train"]):
         raise AuditError(f"no rows left to train on: {len(result.rejected)} of {result.audit['rows_in']} rows exceed "
                          f"tokenize.max_length {max_length} and {len(result.splits['eval'])} are held out for eval; "
                          "raise tokenize.max_length, set tokenize.truncation: truncate, or lower data.eval_fraction")
     result.splits["train"].save(out_train)
+    result.splits["eval"].save(out_eval)
+    return result
+
+
+def _save_test_set(result: TokenizeResult, name: str, out_train, out_eval, max_length: int) -> TokenizeResult:
+    if out_train is not None or len(result.splits["train"]):
+        raise ValueError(f"test set {name!r}: every row is evaluated, none trained: give no train output and "
+                         "prompts whose rows are all in the eval split (clean with eval_fraction 1)")
+    if not len(result.splits["eval"]):
+        raise AuditError(f"test set {name!r}: no rows left to evaluate: all {result.audit['rows_in']} rows exceed "
+                         f"tokenize.max_length {max_length}; raise tokenize.max_length, set tokenize.truncation: "
+                         f"truncate, or shorten the rows of evaluate.test_sets.{name}")
     result.splits["eval"].save(out_eval)
     return result

@@ -24,6 +24,9 @@ from instructflow.templates import load_template
 CONFIG, RUNS = ifconfig.load(config, Path.cwd())
 TEMPLATES = {r["template_key"]: r["template_path"] for r in RUNS.values()}  # key -> file (config.template_key)
 MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
+# evaluate.test_sets: name -> {"path", "columns"}; the evaluate stage's own options are the other keys.
+TEST_SETS = CONFIG["evaluate"]["test_sets"]
+EVALUATE_OPTIONS = {k: v for k, v in CONFIG["evaluate"].items() if k != "test_sets"}
 
 
 wildcard_constraints:
@@ -31,6 +34,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9._-]+",
     template=r"[A-Za-z0-9._-]+",
     gguf_type="|".join(ifconfig.load_schema()["$defs"]["gguf_type"]["enum"]),
+    testset="|".join(map(lambda name: name.replace(".", r"\."), TEST_SETS)) or "(?!)",
 
 
 def run_paths(run):
@@ -51,8 +55,8 @@ def get_render_model(wildcards):
 
 def from_run(pattern):
     """An input function: ``pattern`` (a path with {model} and {template}) filled in for the run's
-    model and template, so a run reads the shared upstream outputs it needs."""
-    return lambda wildcards: pattern.format(**run_paths(wildcards.run))
+    model and template, so a run reads the shared upstream outputs it needs (and the job's own wildcards)."""
+    return lambda wildcards: pattern.format(**dict(wildcards.items()), **run_paths(wildcards.run))
 
 
 def get_train_settings(wildcards):
@@ -79,3 +83,17 @@ def json_option(obj):
 def gguf_targets():
     """The GGUF files the runs ask for (export.gguf): none unless a run lists a type."""
     return [f"results/runs/{run}/gguf/model-{t}.gguf" for run, r in RUNS.items() for t in r["export"]["gguf"]]
+
+
+def test_set_files(pattern):
+    """An input function: ``pattern`` (with {testset}, and {run}, {model}, {template}) for every test set of
+    evaluate.test_sets, in config order; none without test sets."""
+    return lambda wildcards: [pattern.format(testset=name, run=wildcards.run, **run_paths(wildcards.run))
+                              for name in TEST_SETS]
+
+
+def get_test_sets(wildcards, input):
+    """compare's --test-sets option: name -> the set's file and its base and tuned metrics (rule inputs)."""
+    files = zip(TEST_SETS, input.test_sets_base, input.test_sets_tuned)
+    return json_option({name: {"path": TEST_SETS[name]["path"], "base": base, "tuned": tuned}
+                        for name, base, tuned in files})

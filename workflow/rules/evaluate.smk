@@ -9,7 +9,7 @@ rule evaluate_base:
         prompts="results/prompts/{model}/{template}.parquet",
         code=code_inputs("evaluate"),
     params:
-        options=json_option(CONFIG["evaluate"]),
+        options=json_option(EVALUATE_OPTIONS),
     threads: 2
     log:
         "logs/evaluate_base/{model}/{template}.log",
@@ -31,7 +31,7 @@ rule evaluate:
         prompts=from_run("results/prompts/{model}/{template}.parquet"),
         code=code_inputs("evaluate"),
     params:
-        options=json_option(CONFIG["evaluate"]),
+        options=json_option(EVALUATE_OPTIONS),
     threads: 2
     log:
         "logs/evaluate/{run}.log",
@@ -62,7 +62,11 @@ rule compare:
         base_samples=from_run("results/base_eval/{model}/{template}/samples.parquet"),
         tuned="results/runs/{run}/eval/tuned.json",
         tuned_samples="results/runs/{run}/eval/tuned_samples.parquet",
+        test_sets_base=test_set_files("results/base_eval/{model}/{template}/test_sets/{testset}/metrics.json"),
+        test_sets_tuned=test_set_files("results/runs/{run}/eval/test_sets/{testset}/tuned.json"),
         code=code_inputs("compare"),
+    params:
+        test_sets=get_test_sets,
     log:
         "logs/compare/{run}.log",
     conda:
@@ -70,4 +74,32 @@ rule compare:
     shell:
         "python -m instructflow compare --base-metrics {input.base:q} --tuned-metrics {input.tuned:q}"
         " --base-samples {input.base_samples:q} --tuned-samples {input.tuned_samples:q}"
-        " --out-metrics {output.metrics:q} --out-samples {output.samples:q} > {log:q} 2>&1"
+        " --out-metrics {output.metrics:q} --out-samples {output.samples:q} --test-sets {params.test_sets}"
+        " > {log:q} 2>&1"
+
+
+# Each test set (evaluate.test_sets), for the base model (shared per model and template) and each run's.
+use rule evaluate_base as evaluate_base_test_set with:
+    output:
+        metrics="results/base_eval/{model}/{template}/test_sets/{testset}/metrics.json",
+        samples="results/base_eval/{model}/{template}/test_sets/{testset}/samples.parquet",
+    input:
+        model="results/models/{model}",
+        examples="results/test_sets/{testset}/tokens/{model}/{template}/eval.safetensors",
+        prompts="results/test_sets/{testset}/prompts/{model}/{template}.parquet",
+        code=code_inputs("evaluate"),
+    log:
+        "logs/evaluate_base_test_set/{testset}/{model}/{template}.log",
+
+
+use rule evaluate as evaluate_test_set with:
+    output:
+        tuned="results/runs/{run}/eval/test_sets/{testset}/tuned.json",
+        samples="results/runs/{run}/eval/test_sets/{testset}/tuned_samples.parquet",
+    input:
+        model="results/runs/{run}/model",
+        examples=from_run("results/test_sets/{testset}/tokens/{model}/{template}/eval.safetensors"),
+        prompts=from_run("results/test_sets/{testset}/prompts/{model}/{template}.parquet"),
+        code=code_inputs("evaluate"),
+    log:
+        "logs/evaluate_test_set/{run}/{testset}.log",
