@@ -29,7 +29,6 @@ BAR_METRICS = ("eval_loss", "exact_match", "rouge_l", "chrf")
 SIDES = ("base", "tuned")
 # From train/summary.json: how long the training loop ran (summed over resumes) and its speed.
 SUMMARY_KEYS = ("steps", "elapsed_s", "trained_tokens_per_s")
-CSS = "td { white-space: nowrap; }"  # beside report.py's: a "base → tuned" cell stays on one line
 BEST_RULE = ("The best run has the lowest tuned eval_loss on the held-out split (mean cross-entropy per "
              "response token over every held-out row; lower is better).")
 
@@ -228,13 +227,17 @@ def plot_metric_bars(rows: Sequence[dict], sets: Sequence[str], out_png, best: s
                 shown = [(xi, v) for xi, v in zip(x, values) if v is not None]
                 if shown:
                     xs, vs = zip(*shown)
-                    ax.bar(np.array(xs) + (k - 0.5) * 0.38, vs, width=0.38, color=colour, label=side)
+                    drawn = ax.bar(np.array(xs) + (k - 0.5) * 0.38, vs, width=0.38, color=colour, label=side)
+                    if len(runs) <= 6:  # values on the bars (a 0 is then seen as 0, not as missing) while they fit
+                        ax.bar_label(drawn, fmt="%.3g", fontsize="x-small")
                     bars += len(shown)
             ax.set_xticks(x, [f"{run} ★" if run == best else run for run in runs],
                           rotation=30 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center",
                           fontsize="small")
             ax.set_title(f"{prefix.removeprefix('test_sets.')}: {metric}", fontsize="medium")
             ax.grid(True, axis="y", alpha=0.3)
+            if ax.patches and min(p.get_height() for p in ax.patches) >= 0:
+                ax.set_ylim(bottom=0)
             if not ax.patches:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     handles = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -301,7 +304,7 @@ def render_page(rows, differing, sets, metrics: dict[str, dict], best: str | Non
         parts.append(html_table(["run", *EVAL_METRICS], table))
     parts.append("<p>All columns, unrounded: compare.csv beside this page.</p>\n")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Runs side by side</title>\n"
-            f"<style>\n{_CSS}\n{CSS}\n</style>\n</head>\n<body>\n" + "".join(parts) + "</body>\n</html>\n")
+            f"<style>\n{_CSS}\n</style>\n</head>\n<body>\n" + "".join(parts) + "</body>\n</html>\n")
 
 
 # ------------------------------------------------------------------------------------------ stage

@@ -35,13 +35,25 @@ rule report:
 # training and evaluation. Not to be confused with `compare`, which merges one run's base and tuned metrics.
 rule compare_runs:
     output:
-        html=report("results/compare.html", caption="../report/compare_runs.rst", category="Comparison"),
-        csv=report("results/compare.csv", caption="../report/compare_runs_csv.rst", category="Comparison"),
+        html=report(
+            "results/compare.html",
+            caption="../report/compare_runs.rst",
+            category="Comparison",
+        ),
+        csv=report(
+            "results/compare.csv",
+            caption="../report/compare_runs_csv.rst",
+            category="Comparison",
+        ),
         loss_png=report(
-            "results/compare/loss_curves.png", caption="../report/compare_runs_loss.rst", category="Comparison"
+            "results/compare/loss_curves.png",
+            caption="../report/compare_runs_loss.rst",
+            category="Comparison",
         ),
         metrics_png=report(
-            "results/compare/metric_bars.png", caption="../report/compare_runs_metrics.rst", category="Comparison"
+            "results/compare/metric_bars.png",
+            caption="../report/compare_runs_metrics.rst",
+            category="Comparison",
         ),
     input:
         metrics=expand("results/runs/{run}/train/metrics.jsonl", run=RUNS),
