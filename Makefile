@@ -14,7 +14,7 @@ else
 TORCH_INSTALL ?= torch==$(TORCH_VERSION)
 endif
 
-.PHONY: setup run test test-fast bench lint clean-results demo-data
+.PHONY: setup run test test-fast browser bench lint clean-results demo-data
 
 setup: $(VENV)/.installed
 
@@ -38,11 +38,23 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 run: setup
 	source $(VENV)/bin/activate && snakemake --cores $(CORES)
 
-test: setup
+test: setup browser
 	source $(VENV)/bin/activate && python -m pytest -q
 
-test-fast: setup
+test-fast: setup browser
 	source $(VENV)/bin/activate && python -m pytest -q -m "not slow"
+
+# Chromium for the browser test of the runs comparison page (tests/test_compare_runs.py): Debian's package where
+# apt-get is present and this runs as root (CI); --no-install-recommends, a font comes with its dependencies.
+# Where none can be installed, that test skips and says why.
+NO_BROWSER := the browser test of results/compare.html will skip
+browser:
+	@if [ -n "$$(command -v chromium chromium-browser google-chrome)" ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null) || echo "note: apt-get could not install chromium: $(NO_BROWSER)"; \
+	else echo "note: no Chromium here, and no apt-get as root to install it: $(NO_BROWSER)"; fi
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint

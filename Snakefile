@@ -8,6 +8,7 @@
 #   results/base_eval/{model}/{template}/metrics.json                            (evaluate_base)
 #   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
 #   results/runs/{run}/gguf/model-{gguf_type}.gguf  only the types a run lists in export.gguf (export_gguf)
+#   results/compare.html, compare.csv, compare/{loss_curves,metric_bars}.png   all runs side by side (compare_runs)
 #   results/runs/{run}/checkpoints/   resumable state, deliberately not a rule output
 #   results/test_sets/{testset}/ clean.parquet, prompts/{model}/{template}.parquet, tokens/{model}/{template}/
 #     and results/base_eval/{model}/{template}/test_sets/{testset}/, results/runs/{run}/eval/test_sets/{testset}/
@@ -29,5 +30,6 @@ include: "workflow/rules/export.smk"
 rule all:
     input:
         expand("results/runs/{run}/report.html", run=RUNS),
+        "results/compare.html",
         gguf_targets(),
     default_target: True

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO
 from instructflow import codedeps
 
-STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report", "export-gguf")
+STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report", "compare-runs",
+          "export-gguf")
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -125,6 +126,8 @@ STAGE_ARGS = {
     "compare": lambda t: _missing(t, "base-metrics", "tuned-metrics", "base-samples", "tuned-samples", "out-metrics",
                                   "out-samples"),
     "export-gguf": lambda t: _missing(t, "model", "out"),
+    "compare-runs": lambda t: ["--runs", "r", "--settings", '{"r": {}}']
+    + _missing(t, "metrics-jsonl", "train-summary", "eval-metrics", "loss-png", "metrics-png", "out-csv", "out-html"),
     "report": lambda t: ["--run", "r"] + _missing(t, "metrics-jsonl", "eval-metrics", "samples-md", "clean-report",
                                                   "audit", "train-summary", "loss-png", "out-md", "out-html"),
 }

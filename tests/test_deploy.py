@@ -21,7 +21,7 @@ from test_reruns import copy_code
 
 BIN = Path(sys.executable).parent
 RULES = {"prepare_model", "clean", "render", "tokenize", "train", "evaluate_base", "evaluate", "compare", "report",
-         "all"}
+         "compare_runs", "all"}
 USER_SNAKEFILE = """configfile: "config/config.yaml"
 
 

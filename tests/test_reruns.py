@@ -31,11 +31,12 @@ READERS = {
     "clean": {"render", "report"},
     "render": {"tokenize", "evaluate_base", "evaluate"},
     "tokenize": {"train", "evaluate_base", "evaluate", "report"},
-    "train": {"evaluate", "report", "export_gguf"},
+    "train": {"evaluate", "report", "compare_runs", "export_gguf"},
     "evaluate_base": {"compare"},
     "evaluate": {"compare"},
-    "compare": {"report"},
+    "compare": {"report", "compare_runs"},
     "report": set(),
+    "compare_runs": set(),
     "export_gguf": set(),
 }
 STAGE = {rule: "evaluate" if rule == "evaluate_base" else rule.replace("_", "-") for rule in READERS}

@@ -122,6 +122,10 @@ def test_every_architecture_runs_end_to_end(tiny_workflow):
         chunked = model.get_output_embeddings().bias is None and not post_processed
         expected = ("compiled" if HAS_COMPILER else "eager") if chunked else "unused"
         assert summary["fused_kernels"]["cross_entropy_chunk"] == expected, arch
+    # All runs side by side: one row per run; the runs differ only in model.base.
+    compared = (results / "compare.csv").read_text().splitlines()
+    assert compared[0].startswith("run,best,model.base,steps,") and len(compared) == 1 + len(ARCHS)
+    assert "Best run: <strong>" in (results / "compare.html").read_text()
     assert "Nothing to be done" in snakemake(*tiny_workflow, "-n").stdout
 
 
@@ -130,8 +134,9 @@ def test_changing_one_runs_training_setting_reruns_only_that_run(tiny_workflow, 
     extra = tmp_path / "lr.yaml"
     extra.write_text(yaml.safe_dump({"runs": {"llama": {"train": {"learning_rate": 0.005}}}}))
     jobs = planned_jobs(code, work, "--configfile", str(work / "config" / "config.yaml"), str(extra))
-    assert {rule for rule, _ in jobs} - {"all"} == {"train", "evaluate", "compare", "report"}
-    assert all("runs/llama/" in output for rule, output in jobs if rule != "all")
+    # ... and the one comparison of all runs (compare_runs), which shows its settings.
+    assert {rule for rule, _ in jobs} - {"all"} == {"train", "evaluate", "compare", "report", "compare_runs"}
+    assert all("runs/llama/" in output for rule, output in jobs if rule not in ("all", "compare_runs"))
 
 
 def test_changing_the_template_reruns_render_onwards(tiny_workflow, tmp_path):
@@ -140,7 +145,7 @@ def test_changing_the_template_reruns_render_onwards(tiny_workflow, tmp_path):
     extra.write_text(yaml.safe_dump({"template": "alpaca_pl"}))
     jobs = planned_jobs(code, work, "--configfile", str(work / "config" / "config.yaml"), str(extra))
     rules = {rule for rule, _ in jobs} - {"all"}
-    assert rules == {"render", "tokenize", "evaluate_base", "train", "evaluate", "compare", "report"}
+    assert rules == {"render", "tokenize", "evaluate_base", "train", "evaluate", "compare", "report", "compare_runs"}
     assert all(_rules_for(jobs, f"runs/{arch}/") == {"train", "evaluate", "compare", "report"} for arch in ARCHS)
 
 
@@ -162,7 +167,8 @@ def test_new_raw_data_reruns_from_clean(tiny_workflow):
     with _edited(work / "data" / "instructions.csv", "What is 1 + 1?,,2\n"):
         jobs = planned_jobs(code, work)
     rules = {rule for rule, _ in jobs} - {"all"}
-    assert rules == {"clean", "render", "tokenize", "evaluate_base", "train", "evaluate", "compare", "report"}
+    assert rules == {"clean", "render", "tokenize", "evaluate_base", "train", "evaluate", "compare", "report",
+                     "compare_runs"}
     assert "prepare_model" not in rules
 
 
@@ -171,12 +177,12 @@ def test_editing_a_stages_code_reruns_that_stage_onwards(tiny_workflow):
     with _edited(code / "src" / "instructflow" / "render.py", "# edited\n"):
         jobs = planned_jobs(code, work)
     assert {rule for rule, _ in jobs} - {"all"} == {"render", "tokenize", "evaluate_base", "train", "evaluate",
-                                                    "compare", "report"}
+                                                    "compare", "report", "compare_runs"}
     # evaluate.py imports report.py (md_table, write_text), so both evaluations rerun too: the code inputs
     # are computed from the imports (codedeps.py), where the hand-written list had missed this one.
     with _edited(code / "src" / "instructflow" / "report.py", "# edited\n"):
         jobs = planned_jobs(code, work)
-    assert {rule for rule, _ in jobs} - {"all"} == {"evaluate_base", "evaluate", "compare", "report"}
+    assert {rule for rule, _ in jobs} - {"all"} == {"evaluate_base", "evaluate", "compare", "report", "compare_runs"}
     assert "Nothing to be done" in snakemake(code, work, "-n").stdout
 
 

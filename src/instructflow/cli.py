@@ -72,6 +72,15 @@ def cmd_report(a):
                  out_md=a.out_md, out_html=a.out_html)
 
 
+def cmd_compare_runs(a):
+    from .compare_runs import compare_runs
+
+    result = compare_runs(a.runs, _json(a.settings), metrics_jsonl=a.metrics_jsonl, train_summary=a.train_summary,
+                          eval_metrics=a.eval_metrics, loss_png=a.loss_png, metrics_png=a.metrics_png,
+                          out_csv=a.out_csv, out_html=a.out_html)
+    print(json.dumps({key: result[key] for key in ("best", "differing")}, indent=2))
+
+
 def cmd_generate(a):
     from .generate import generate_file
 
@@ -171,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "out_samples", "test_sets", optional=("test_sets",))
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
+    p = add("compare-runs", cmd_compare_runs, "settings", "loss_png", "metrics_png", "out_csv", "out_html")
+    for files in ("runs", "metrics_jsonl", "train_summary", "eval_metrics"):  # one per run, in the order of --runs
+        p.add_argument(f"--{files.replace('_', '-')}", dest=files, nargs="+", required=True)
     p = add("export-gguf", cmd_export_gguf, "model", "out", "name", optional=("name",))
     p.add_argument("--type", default="q8_0", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
     # Not a rule: a trained model's answers to a file of instructions.

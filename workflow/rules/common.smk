@@ -97,3 +97,10 @@ def get_test_sets(wildcards, input):
     files = zip(TEST_SETS, input.test_sets_base, input.test_sets_tuned)
     return json_option({name: {"path": TEST_SETS[name]["path"], "base": base, "tuned": tuned}
                         for name, base, tuned in files})
+
+
+def compared_settings():
+    """compare_runs' --settings option: run -> the settings that make it (model, template, train, export); the
+    page shows those in which the runs differ. A param, so a changed setting rewrites the page."""
+    keys = ("model", "template", "train", "export")
+    return json_option({run: {key: r[key] for key in keys} for run, r in RUNS.items()})
