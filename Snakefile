@@ -8,6 +8,8 @@
 #   results/base_eval/{model}/{template}/metrics.json                            (evaluate_base)
 #   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
 #   results/runs/{run}/gguf/model-{gguf_type}.gguf  only the types a run lists in export.gguf (export_gguf)
+#   results/runs/{run}/tracking.json, tensorboard/  only with tracking.mlflow or tracking.tensorboard (track)
+#   results/mlflow/mlflow.db, artifacts/         the local MLflow store all runs share (tracking.tracking_uri "")
 #   results/runs/{run}/checkpoints/   resumable state, deliberately not a rule output
 #   results/test_sets/{testset}/ clean.parquet, prompts/{model}/{template}.parquet, tokens/{model}/{template}/
 #     and results/base_eval/{model}/{template}/test_sets/{testset}/, results/runs/{run}/eval/test_sets/{testset}/
@@ -24,10 +26,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/track.smk"
 
 
 rule all:
     input:
         expand("results/runs/{run}/report.html", run=RUNS),
         gguf_targets(),
+        track_targets(),
     default_target: True

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO
 from instructflow import codedeps
 
-STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report", "export-gguf")
+STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report", "export-gguf",
+          "track")
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -125,6 +126,9 @@ STAGE_ARGS = {
     "compare": lambda t: _missing(t, "base-metrics", "tuned-metrics", "base-samples", "tuned-samples", "out-metrics",
                                   "out-samples"),
     "export-gguf": lambda t: _missing(t, "model", "out"),
+    "track": lambda t: ["--run", "r", "--settings", "{}", "--tracking", json.dumps(
+        {"mlflow": True, "tensorboard": True, "tracking_uri": "", "experiment": "x"}), "--artifacts", str(t / "missing")]
+    + _missing(t, "metrics-jsonl", "eval-metrics", "tensorboard", "out", "local-store"),
     "report": lambda t: ["--run", "r"] + _missing(t, "metrics-jsonl", "eval-metrics", "samples-md", "clean-report",
                                                   "audit", "train-summary", "loss-png", "out-md", "out-html"),
 }

@@ -72,6 +72,14 @@ def cmd_report(a):
                  out_md=a.out_md, out_html=a.out_html)
 
 
+def cmd_track(a):
+    from .track import run_track
+
+    result = run_track(a.run, _json(a.settings), _json(a.tracking), a.metrics_jsonl, a.eval_metrics, a.artifacts,
+                       a.tensorboard, a.out, local_store=a.local_store)
+    print(json.dumps(result, indent=2))
+
+
 def cmd_generate(a):
     from .generate import generate_file
 
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "out_samples", "test_sets", optional=("test_sets",))
     add("report", cmd_report, "run", "metrics_jsonl", "eval_metrics", "samples_md", "clean_report", "audit",
         "train_summary", "loss_png", "out_md", "out_html")
+    p = add("track", cmd_track, "run", "settings", "tracking", "metrics_jsonl", "eval_metrics", "tensorboard", "out",
+            "local_store")
+    p.add_argument("--artifacts", nargs="+", required=True, help="files logged as MLflow artifacts (the report)")
     p = add("export-gguf", cmd_export_gguf, "model", "out", "name", optional=("name",))
     p.add_argument("--type", default="q8_0", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
     # Not a rule: a trained model's answers to a file of instructions.

@@ -97,3 +97,18 @@ def get_test_sets(wildcards, input):
     files = zip(TEST_SETS, input.test_sets_base, input.test_sets_tuned)
     return json_option({name: {"path": TEST_SETS[name]["path"], "base": base, "tuned": tuned}
                         for name, base, tuned in files})
+
+
+def track_targets():
+    """tracking.json of every run that logs to MLflow or TensorBoard (tracking.*): none unless turned on."""
+    return [f"results/runs/{run}/tracking.json" for run, r in RUNS.items()
+            if r["tracking"]["mlflow"] or r["tracking"]["tensorboard"]]
+
+
+def get_run_settings(wildcards):
+    """The run's resolved settings, as the track stage logs them (config.run_settings)."""
+    return json_option(ifconfig.run_settings(CONFIG, wildcards.run, RUNS[wildcards.run]))
+
+
+def get_tracking(wildcards):
+    return json_option(RUNS[wildcards.run]["tracking"])
