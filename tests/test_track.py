@@ -161,6 +161,7 @@ def test_an_attempt_that_died_half_way_is_replaced_not_kept(run_dir, monkeypatch
     monkeypatch.setattr(MlflowClient, "log_artifact", broken)
     with pytest.raises(OSError, match="disk full"):
         track(run_dir)
+    assert [r.info.status for r in mlflow_runs(run_dir)[1]] == ["FAILED"]
     monkeypatch.setattr(MlflowClient, "log_artifact", real)
     result = track(run_dir)
     _, runs = mlflow_runs(run_dir)

@@ -265,15 +265,16 @@ def log_mlflow(run: str, settings: dict, step_metrics, final_metrics: dict, fina
     finished = [r for r in same if r.info.status == "FINISHED"]
     for stale in [r for r in same if r.info.status != "FINISHED"] + finished[1:]:
         client.delete_run(stale.info.run_id)  # an attempt that died half-way, or a duplicate: not a result
+    params = flat_params(settings)
+    skipped = sorted(k for k, v in params.items() if len(v) > MAX_PARAM_VALUE)  # whole in config.json
     if finished:
-        run_id, reused, skipped = finished[0].info.run_id, True, []
+        run_id, reused = finished[0].info.run_id, True
     else:
         tags = {RUN_TAG: run, FINGERPRINT_TAG: fp, "instructflow.model": str(settings.get("model_key", "")),
                 "instructflow.template": str(settings.get("template_key", ""))}
         run_id, reused = client.create_run(experiment_id, run_name=run, tags=tags).info.run_id, False
-        try:
-            params = flat_params(settings)
-            skipped = sorted(k for k, v in params.items() if len(v) > MAX_PARAM_VALUE)  # whole in config.json
+    try:
+        if not reused:
             for batch in _batches([Param(k, v) for k, v in params.items() if k not in skipped], BATCH_PARAMS):
                 client.log_batch(run_id, params=batch)
             now = int(time.time() * 1000)
@@ -281,13 +282,14 @@ def log_mlflow(run: str, settings: dict, step_metrics, final_metrics: dict, fina
             metrics += [Metric(k, v, now, final_step) for k, v in final_metrics.items()]
             for batch in _batches(metrics, BATCH_METRICS):
                 client.log_batch(run_id, metrics=batch)
-        except BaseException:
+        # Artifacts every time: a rebuilt report replaces the old one under the same names.
+        client.log_dict(run_id, settings, CONFIG_ARTIFACT)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+    except BaseException:
+        if not reused:  # never taken for a result; the next attempt deletes it
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-            raise
-    # Artifacts every time: a rebuilt report replaces the old one under the same names.
-    client.log_dict(run_id, settings, CONFIG_ARTIFACT)
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
+        raise
     if not reused:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return {"run_id": run_id, "experiment_id": experiment_id, "reused": reused, "skipped_params": skipped}
