@@ -9,6 +9,8 @@
 #   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
 #   results/runs/{run}/gguf/model-{gguf_type}.gguf  only the types a run lists in export.gguf (export_gguf)
 #   results/compare.html, compare.csv, compare/{loss_curves,metric_bars}.png   all runs side by side (compare_runs)
+#   results/runs/{run}/tracking.json, tensorboard/  only with tracking.mlflow or tracking.tensorboard (track)
+#   results/mlflow/mlflow.db, artifacts/         the local MLflow store all runs share (tracking.tracking_uri "")
 #   results/runs/{run}/checkpoints/   resumable state, deliberately not a rule output
 #   results/test_sets/{testset}/ clean.parquet, prompts/{model}/{template}.parquet, tokens/{model}/{template}/
 #     and results/base_eval/{model}/{template}/test_sets/{testset}/, results/runs/{run}/eval/test_sets/{testset}/
@@ -25,6 +27,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/track.smk"
 
 
 rule all:
@@ -32,4 +35,5 @@ rule all:
         expand("results/runs/{run}/report.html", run=RUNS),
         "results/compare.html",
         gguf_targets(),
+        track_targets(),
     default_target: True

@@ -74,7 +74,7 @@ def test_subcommands_are_the_rules_names():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     tools = {"generate", "chat", "serve"}  # for users of a trained model, not stages
     assert set(sub.choices) - tools == {"prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare",
-                                        "report", "compare-runs", "export-gguf"}
+                                        "report", "compare-runs", "export-gguf", "track"}
     rules = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         rules.update(line.split()[1].rstrip(":") for line in smk.read_text().splitlines() if line.startswith("rule "))

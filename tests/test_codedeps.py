@@ -16,7 +16,7 @@ from conftest import REPO
 from instructflow import codedeps
 
 STAGES = ("prepare-model", "clean", "render", "tokenize", "train", "evaluate", "compare", "report", "compare-runs",
-          "export-gguf")
+          "export-gguf", "track")
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -128,6 +128,9 @@ STAGE_ARGS = {
     "export-gguf": lambda t: _missing(t, "model", "out"),
     "compare-runs": lambda t: ["--runs", "r", "--settings", '{"r": {}}']
     + _missing(t, "metrics-jsonl", "train-summary", "eval-metrics", "loss-png", "metrics-png", "out-csv", "out-html"),
+    "track": lambda t: ["--run", "r", "--settings", "{}", "--tracking", json.dumps(
+        {"mlflow": True, "tensorboard": True, "tracking_uri": "", "experiment": "x"}), "--artifacts", str(t / "missing")]
+    + _missing(t, "metrics-jsonl", "eval-metrics", "tensorboard", "out", "local-store"),
     "report": lambda t: ["--run", "r"] + _missing(t, "metrics-jsonl", "eval-metrics", "samples-md", "clean-report",
                                                   "audit", "train-summary", "loss-png", "out-md", "out-html"),
 }

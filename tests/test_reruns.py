@@ -31,19 +31,21 @@ READERS = {
     "clean": {"render", "report"},
     "render": {"tokenize", "evaluate_base", "evaluate"},
     "tokenize": {"train", "evaluate_base", "evaluate", "report"},
-    "train": {"evaluate", "report", "compare_runs", "export_gguf"},
+    "train": {"evaluate", "report", "compare_runs", "export_gguf", "track"},
     "evaluate_base": {"compare"},
     "evaluate": {"compare"},
-    "compare": {"report", "compare_runs"},
-    "report": set(),
+    "compare": {"report", "compare_runs", "track"},
+    "report": {"track"},
     "compare_runs": set(),
     "export_gguf": set(),
+    "track": set(),
 }
 STAGE = {rule: "evaluate" if rule == "evaluate_base" else rule.replace("_", "-") for rule in READERS}
 CONFIG = {
     "data": {"path": "data/instructions.csv", "eval_fraction": 0.2},
     "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "precision": "fp32"},
-    "runs": {"default": {"export": {"gguf": ["q8_0"]}}},  # so the opt-in export_gguf rule is in the DAG
+    # so the opt-in export_gguf and track rules are in the DAG
+    "runs": {"default": {"export": {"gguf": ["q8_0"]}, "tracking": {"tensorboard": True}}},
 }
 
 
@@ -84,7 +86,7 @@ def finish_by_touch(snakefile: Path, work: Path) -> None:
     for line in re.findall(r"^\s+output: (.+)$", out, flags=re.M):
         for path in (work / p.strip() for p in line.split(",")):
             rel = path.relative_to(work).as_posix()
-            if re.fullmatch(r"results/models/[^/]+|results/runs/[^/]+/model", rel):  # directory() outputs
+            if re.fullmatch(r"results/models/[^/]+|results/runs/[^/]+/(model|tensorboard)", rel):  # directory() outputs
                 path.mkdir(parents=True, exist_ok=True)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)

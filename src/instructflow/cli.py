@@ -79,6 +79,12 @@ def cmd_compare_runs(a):
                           eval_metrics=a.eval_metrics, loss_png=a.loss_png, metrics_png=a.metrics_png,
                           out_csv=a.out_csv, out_html=a.out_html)
     print(json.dumps({key: result[key] for key in ("best", "differing")}, indent=2))
+def cmd_track(a):
+    from .track import run_track
+
+    result = run_track(a.run, _json(a.settings), _json(a.tracking), a.metrics_jsonl, a.eval_metrics, a.artifacts,
+                       a.tensorboard, a.out, local_store=a.local_store)
+    print(json.dumps(result, indent=2))
 
 
 def cmd_generate(a):
@@ -183,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare-runs", cmd_compare_runs, "settings", "loss_png", "metrics_png", "out_csv", "out_html")
     for files in ("runs", "metrics_jsonl", "train_summary", "eval_metrics"):  # one per run, in the order of --runs
         p.add_argument(f"--{files.replace('_', '-')}", dest=files, nargs="+", required=True)
+    p = add("track", cmd_track, "run", "settings", "tracking", "metrics_jsonl", "eval_metrics", "tensorboard", "out",
+            "local_store")
+    p.add_argument("--artifacts", nargs="+", required=True, help="files logged as MLflow artifacts (the report)")
     p = add("export-gguf", cmd_export_gguf, "model", "out", "name", optional=("name",))
     p.add_argument("--type", default="q8_0", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
     # Not a rule: a trained model's answers to a file of instructions.

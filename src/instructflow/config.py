@@ -185,13 +185,13 @@ def train_settings(settings: dict) -> dict:
 
 def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
     """Run name -> {"model": {...}, "model_key", "template", "template_path", "template_key", "train": {...},
-    "export": {"gguf": [...]}}."""
+    "export": {"gguf": [...]}, "tracking": {...}}."""
     from .prepare_model import model_key  # imports torch: only where runs are resolved, not for defaults()
 
     runs = {}
     for name, override in config["runs"].items():
         run = _merge({"model": config["model"], "template": config["template"], "train": {},
-                      "export": config["export"]}, override or {})
+                      "export": config["export"], "tracking": config["tracking"]}, override or {})
         train = _merge(config["train"], run["train"])
         if train.get("args_file"):
             train = _merge(train, _training_arguments(train["args_file"], workdir))
@@ -218,6 +218,14 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
             raise ConfigError(f"config key model.base: {other!r} and {run['model']['base']!r} map to the same "
                               f"folder name {run['model_key']!r}; rename one of the files or folders")
     return runs
+
+
+def run_settings(config: dict, name: str, run: dict) -> dict:
+    """What run ``name`` was made with, as the track stage logs it: its model, template, training and export
+    settings and the shared data, tokenize and evaluate sections (tracking itself is left out)."""
+    return {"run": name, "model": run["model"], "model_key": run["model_key"], "template": run["template"],
+            "template_key": run["template_key"], "train": run["train"], "export": run["export"],
+            **{section: config[section] for section in ("data", "tokenize", "evaluate")}}
 
 
 # A path component the workflow builds from the config (a run, model or template name) must be a plain

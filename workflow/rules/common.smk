@@ -104,3 +104,18 @@ def compared_settings():
     page shows those in which the runs differ. A param, so a changed setting rewrites the page."""
     keys = ("model", "template", "train", "export")
     return json_option({run: {key: r[key] for key in keys} for run, r in RUNS.items()})
+
+
+def track_targets():
+    """tracking.json of every run that logs to MLflow or TensorBoard (tracking.*): none unless turned on."""
+    return [f"results/runs/{run}/tracking.json" for run, r in RUNS.items()
+            if r["tracking"]["mlflow"] or r["tracking"]["tensorboard"]]
+
+
+def get_run_settings(wildcards):
+    """The run's resolved settings, as the track stage logs them (config.run_settings)."""
+    return json_option(ifconfig.run_settings(CONFIG, wildcards.run, RUNS[wildcards.run]))
+
+
+def get_tracking(wildcards):
+    return json_option(RUNS[wildcards.run]["tracking"])
