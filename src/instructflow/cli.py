@@ -79,6 +79,8 @@ def cmd_compare_runs(a):
                           eval_metrics=a.eval_metrics, loss_png=a.loss_png, metrics_png=a.metrics_png,
                           out_csv=a.out_csv, out_html=a.out_html)
     print(json.dumps({key: result[key] for key in ("best", "differing")}, indent=2))
+
+
 def cmd_track(a):
     from .track import run_track
 
