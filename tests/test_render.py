@@ -69,7 +69,7 @@ def test_a_one_exchange_file_template_counts_the_chat_turns_it_leaves_out(tmp_pa
     path = tmp_path / "qa.yaml"
     path.write_text('prompt_input: "Q: {instruction} ({input})\\nA: "\nprompt_no_input: "Q: {instruction}\\nA: "\n')
     rendered = render_prompts(CHATS, load_template(path))
-    assert rendered.attrs == {"chat_rows_cut": 1, "chat_turns_dropped": 3, "empty_assistant_turns": 0}
+    assert rendered.attrs == {"chat_rows_cut": 1, "chat_turns_dropped": 3}
     assert rendered["prompt"].tolist() == ["Q: 2+2?\nA: ", "Q: Hi\nA: "] and "segments" not in rendered
     write_parquet(tmp_path / "clean.parquet", CHATS)
     run_render(tmp_path / "clean.parquet", path, tmp_path / "out.parquet")
@@ -87,7 +87,7 @@ def test_chat_rows_render_whole_with_segments_and_the_last_turn_as_prompt_and_re
 
     tok = end_of_turn_tokenizer()
     rendered = render_prompts(CHATS, load_template(template), tokenizer=tok)
-    assert rendered.attrs["chat_turns_dropped"] == 0
+    assert rendered.attrs == {"chat_rows_cut": 0, "chat_turns_dropped": 0, "empty_assistant_turns": 0}
     assert list(rendered.columns) == ["row", "prompt", "response", "split", "prompt_has_special_tokens", "segments",
                                       "end_of_turn"]
     assert rendered["end_of_turn"].tolist() == ["<|end|>" if template == "chat" else ""] * 2

@@ -26,7 +26,7 @@ def render_prompts(clean: pd.DataFrame, template: Template, tokenizer=None) -> p
     Turns a template leaves out (with a file template without prompt_next_turn, all but the last user and
     assistant turns; a system prompt it has no prompt_system for) are counted in ``attrs["chat_rows_cut"]``
     and ``attrs["chat_turns_dropped"]``; empty assistant turns, kept as untrained context, in
-    ``attrs["empty_assistant_turns"]``. run_render logs them."""
+    ``attrs["empty_assistant_turns"]`` (where there are segments). run_render logs them."""
     prompts, responses, segments_column = [], [], []
     messages = clean["messages"] if "messages" in clean else [""] * len(clean)
     markers = chat_markers(tokenizer) if template.chat and any(messages) else None
@@ -62,11 +62,11 @@ def render_prompts(clean: pd.DataFrame, template: Template, tokenizer=None) -> p
     rendered = pd.DataFrame({"row": clean["row"].to_numpy(), "prompt": prompts, "response": responses,
                              "split": clean["split"].to_numpy(),
                              "prompt_has_special_tokens": np.full(len(prompts), template.chat, dtype=bool)})
-    if any(segments_column):
+    rendered.attrs.update(chat_rows_cut=int(rows_cut), chat_turns_dropped=int(turns_dropped))
+    if any(segments_column):  # (pandas writes attrs into the Parquet file: Alpaca rows' file stays as it was)
         rendered["segments"] = segments_column
         rendered["end_of_turn"] = markers.end_of_turn if markers else ""
-    rendered.attrs.update(chat_rows_cut=int(rows_cut), chat_turns_dropped=int(turns_dropped),
-                          empty_assistant_turns=int(empty_turns))
+        rendered.attrs["empty_assistant_turns"] = int(empty_turns)
     return rendered
 
 
@@ -87,7 +87,7 @@ def run_render(clean_path, template_path, out_path, model_dir: str | Path | None
         print(f"instructflow render: warning: chat_turns_dropped={rendered.attrs['chat_turns_dropped']} in "
               f"chat_rows_cut={rendered.attrs['chat_rows_cut']} of {len(rendered)} rows: template "
               f"{template.name!r} {what}", file=sys.stderr, flush=True)
-    if rendered.attrs["empty_assistant_turns"]:
+    if rendered.attrs.get("empty_assistant_turns"):
         print(f"instructflow render: note: {rendered.attrs['empty_assistant_turns']} empty assistant turns are kept "
               "in their conversations as context and not trained", file=sys.stderr, flush=True)
     write_parquet(out_path, rendered)
