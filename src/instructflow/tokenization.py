@@ -184,6 +184,7 @@ def _assemble(segments: list[dict], segment_ids: list[list[int]], end_of_turn: i
     ids: list[int] = []
     labels: list[int] = []
     prompt_length, trained = 0, []
+    labelled = set(labelled)
     last = max(j for j, s in enumerate(segments) if s["response"])
     for j, (segment, seg_ids) in enumerate(zip(segments, segment_ids)):
         if j == last:
