@@ -60,6 +60,15 @@ def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn).eval()
 
 
+def end_of_turn_tokenizer():
+    """The tiny tokenizer with a chat template that ends every turn with a special token, as real ones do
+    (SmolLM2's and Qwen's "<|im_end|>", Llama 3's "<|eot_id|>"), and that token is not EOS."""
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = CHAT_TEMPLATE.replace("{{ m['content'] }}\n", "{{ m['content'] }}<|end|>\n")
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

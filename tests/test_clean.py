@@ -329,7 +329,10 @@ def test_chat_messages_rows(tmp_path):
     assert msgs[-1] == {"role": "assistant", "content": "4"}
     rej = dict(zip(res.rejected["row"], res.rejected["reason"]))
     assert rej == {2: "bad_chat", 3: "bad_chat", 4: "empty_instruction", 5: "duplicate"}
-    assert json.loads((tmp_path / "rep.json").read_text())["rows_kept"] == 1
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert report["rows_kept"] == 1
+    # The unanswered "thanks" is left out of the kept row, and counted (the duplicate row had none).
+    assert (report["turns_after_last_assistant_dropped"], report["rows_with_turns_after_last_assistant"]) == (1, 1)
     back = pd.read_parquet(tmp_path / "c.parquet")
     assert list(back.columns) == KEPT_COLUMNS
 
@@ -392,7 +395,9 @@ def test_chat_from_parquet_and_json_string(tmp_path):
 def test_alpaca_columns_preferred_over_chat():
     df = pd.DataFrame({"instruction": ["q"], "output": ["a"], "messages": [""]})
     assert resolve_columns(df, None, "x") == {"instruction": "instruction", "output": "output"}
-    assert clean_table(df, source="x").kept.loc[0, "messages"] == ""
+    result = clean_table(df, source="x")
+    assert result.kept.loc[0, "messages"] == ""
+    assert "turns_after_last_assistant_dropped" not in result.report  # a chat-only count
 
 
 # ----------------------------------------------------------------------------------------- run_clean

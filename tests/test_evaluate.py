@@ -269,3 +269,38 @@ def test_run_evaluate_compare_and_auto_dtype(setup, tmp_path):
     assert "p " * 50 in lines[2] and "p " * 120 not in lines[2]  # prompt truncated
     assert base_prompt  # unused otherwise
     assert d.exists()
+
+
+def test_chat_rows_are_evaluated_on_their_last_assistant_turn(tmp_path, tiny_model_dir):
+    """A held-out conversation: the loss covers its last assistant turn only, and the model generates that turn
+    from everything before it (the rendered prompt); the reference is that turn."""
+    from conftest import build_tokenizer
+    from instructflow.render import render_prompts
+    from instructflow.templates import load_template
+    from instructflow.tokenization import check_audit, tokenize_prompts
+
+    tok = build_tokenizer()
+    conversations = [[{"role": "system", "content": "Be brief."}]
+                     + [t for k in range(n) for t in ({"role": "user", "content": f"What is {k} plus {k}?"},
+                                                      {"role": "assistant", "content": f"It is {2 * k}."})]
+                     for n in (1, 2, 3)]
+    clean = pd.DataFrame({"row": [1, 2, 3], "instruction": "", "input": "", "output": "",
+                          "messages": [json.dumps(c) for c in conversations], "split": "eval"})
+    prompts = render_prompts(clean, load_template("chat"), tokenizer=tok)
+    result = tokenize_prompts(prompts, tok, max_length=512, train_on="all_assistant_turns")
+    check_audit(result.audit)
+    held_out = result.splits["eval"]
+    assert result.audit["assistant_turns_trained"] == 3  # one per held-out row
+    held_out.save(tmp_path / "eval.safetensors")
+    write_parquet(tmp_path / "prompts.parquet", prompts)
+    metrics, samples = evaluate_model(tiny_model_dir("llama"), tmp_path / "eval.safetensors",
+                                      tmp_path / "prompts.parquet", max_new_tokens=4, dtype="float32")
+    last_turns = [c[-1]["content"] for c in conversations]
+    assert samples["reference"].tolist() == last_turns and metrics["n"] == 3
+    assert metrics["n_loss_tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in last_turns)
+    for i, row in enumerate(samples["row"]):
+        prompt = samples["prompt"].iloc[i]
+        assert prompt.endswith("<|assistant|>\n") and conversations[row - 1][-2]["content"] in prompt
+        # The model generates from the row's tokens before its last turn: the prompt, with the EOS put after
+        # each earlier turn (this template writes no end-of-turn token of its own).
+        assert tok.decode(held_out.prompt(i)).replace("<|endoftext|>", "") == prompt

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
+import pytest
+
 from instructflow.io import read_parquet, write_parquet
 from instructflow.render import render_prompts, run_render
 from instructflow.templates import load_template, render_row
@@ -46,30 +51,56 @@ def test_run_render_file_template_needs_no_model(tmp_path, clean_rows):
     assert rendered["prompt"].str.startswith("Poniżej").all()
 
 
-def test_file_template_counts_the_chat_turns_it_leaves_out(tmp_path, capsys):
-    """Under a non-chat template a chat row keeps only its last user and assistant turns: the system
-    prompt and earlier turns it leaves out are counted and named in the render log, never lost unseen."""
-    import json
+def _chat(*turns):
+    return json.dumps([{"role": r, "content": c} for r, c in turns])
 
-    import pandas as pd
 
-    from instructflow.render import render_prompts
+CHATS = pd.DataFrame({
+    "row": [1, 2], "instruction": ["2+2?", "Hi"], "input": ["", ""], "output": ["4", "Hello"],
+    "messages": [_chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "2+2?"),
+                       ("assistant", "4")),
+                 _chat(("user", "Hi"), ("assistant", "Hello"))],
+    "split": ["train", "eval"]})
 
-    def chat(*turns):
-        return json.dumps([{"role": r, "content": c} for r, c in turns])
 
-    clean = pd.DataFrame({
-        "row": [1, 2], "instruction": ["2+2?", "Hi"], "input": ["", ""], "output": ["4", "Hello"],
-        "messages": [chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "2+2?"),
-                          ("assistant", "4")),
-                     chat(("user", "Hi"), ("assistant", "Hello"))],
-        "split": ["train", "train"]})
-    rendered = render_prompts(clean, load_template("alpaca"))
+def test_a_one_exchange_file_template_counts_the_chat_turns_it_leaves_out(tmp_path, capsys):
+    """Under a file template without prompt_next_turn a chat row keeps only its last user and assistant
+    turns: the system prompt and earlier turns it leaves out are counted and named in the render log."""
+    path = tmp_path / "qa.yaml"
+    path.write_text('prompt_input: "Q: {instruction} ({input})\\nA: "\nprompt_no_input: "Q: {instruction}\\nA: "\n')
+    rendered = render_prompts(CHATS, load_template(path))
     assert rendered.attrs == {"chat_rows_cut": 1, "chat_turns_dropped": 3}
-    assert "Be brief." not in rendered["prompt"].iloc[0] and "2+2?" in rendered["prompt"].iloc[0]
-    write_parquet(tmp_path / "clean.parquet", clean)
-    run_render(tmp_path / "clean.parquet", TEMPLATES / "alpaca.yaml", tmp_path / "out.parquet")
+    assert rendered["prompt"].tolist() == ["Q: 2+2?\nA: ", "Q: Hi\nA: "] and "segments" not in rendered
+    write_parquet(tmp_path / "clean.parquet", CHATS)
+    run_render(tmp_path / "clean.parquet", path, tmp_path / "out.parquet")
     log = capsys.readouterr().err
-    assert "chat_turns_dropped=3 in chat_rows_cut=1 of 2 rows" in log and "template: chat" in log
+    assert "chat_turns_dropped=3 in chat_rows_cut=1 of 2 rows" in log and "prompt_next_turn" in log
     # Alpaca rows (no messages) lose nothing and log nothing.
-    assert render_prompts(clean.assign(messages=""), load_template("alpaca")).attrs["chat_turns_dropped"] == 0
+    assert render_prompts(CHATS.assign(messages=""), load_template(path)).attrs["chat_turns_dropped"] == 0
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_chat_rows_render_whole_with_segments_and_the_last_turn_as_prompt_and_response(template, tmp_path):
+    """Every turn is rendered (system prompt included); prompt/response are the text before the last assistant
+    turn and that turn (what evaluation generates and scores); Alpaca rows get no segments column."""
+    from conftest import end_of_turn_tokenizer
+
+    tok = end_of_turn_tokenizer()
+    rendered = render_prompts(CHATS, load_template(template), tokenizer=tok)
+    assert rendered.attrs == {"chat_rows_cut": 0, "chat_turns_dropped": 0, "empty_assistant_turns": 0}
+    assert list(rendered.columns) == ["row", "prompt", "response", "split", "prompt_has_special_tokens", "segments",
+                                      "end_of_turn"]
+    assert rendered["end_of_turn"].tolist() == ["<|end|>" if template == "chat" else ""] * 2
+    assert rendered["response"].tolist() == ["4", "Hello"]
+    first = json.loads(rendered["segments"].iloc[0])
+    assert [s["response"] for s in first] == [False, True, False, True]
+    end = rendered["end_of_turn"].iloc[0]
+    assert "Be brief." in first[0]["text"] and rendered["prompt"].iloc[0] == "".join(
+        [first[0]["text"], first[1]["text"], end, first[2]["text"]])
+    if template == "chat":  # the prompt is the generation prompt of the turns before the last
+        turns = json.loads(CHATS["messages"].iloc[0])[:-1]
+        assert rendered["prompt"].iloc[0] == tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    else:  # one exchange without a system prompt: exactly the Alpaca row
+        assert rendered["prompt"].iloc[1] == render_row(load_template("alpaca"), "Hi", "", "Hello")[0]
+    write_parquet(tmp_path / "clean.parquet", CHATS.assign(messages=""))
+    assert "segments" not in run_render(tmp_path / "clean.parquet", TEMPLATES / "alpaca.yaml", tmp_path / "a.parquet")

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from instructflow.templates import TemplateError, load_template, render_prompt, render_row
+from instructflow.templates import (ChatMarkers, Template, TemplateError, chat_markers, load_template, render_conversation,
+                                    render_prompt, render_row)
 
-from conftest import REPO, build_tokenizer
+from conftest import REPO, build_tokenizer, end_of_turn_tokenizer
 
 TEMPLATES = REPO / "src" / "instructflow" / "prompt_templates"
 ALPACA = load_template(TEMPLATES / "alpaca.yaml")
@@ -76,6 +77,10 @@ def test_chat_template_without_tokenizer_chat_template_is_a_clear_error():
         ("prompt_input: a\nresponse: '{output}'\n", "prompt_no_input"),
         ("prompt_input: a\nprompt_no_input: b\nresponse: answer\n", r"\{output\}"),
         ("- a list\n", "mapping"),
+        ("prompt_input: a\nprompt_no_input: b\nprompt_next_turn: 'next'\n", r"prompt_next_turn must contain \{instruction\}"),
+        ("prompt_input: a\nprompt_no_input: b\nprompt_next_turn: '{instruction}'\nprompt_system: '{instruction}'\n",
+         r"prompt_system must contain \{system\}"),
+        ("prompt_input: a\nprompt_no_input: b\nprompt_system: '{system} {instruction}'\n", "needs prompt_next_turn"),
     ],
 )
 def test_bad_template_files_are_rejected(tmp_path, text, message):
@@ -94,3 +99,60 @@ def test_custom_template_file_and_inference_prompt(tmp_path):
     assert (prompt, response) == ("Q: Why?\nA: ", "Because.")
     # The prompt used at inference is the training prompt without the response.
     assert render_prompt(path, "Why?", "ctx") == "Q: Why? (ctx)\nA: "
+
+
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}]
+
+
+def _text(segments):
+    return "".join(s["text"] for s in segments)
+
+
+def test_a_file_template_renders_a_conversation_as_prompt_response_pairs():
+    """alpaca's prompt_system takes the preamble's place, prompt_next_turn continues the text after each answer;
+    a conversation of one exchange without a system prompt is exactly the Alpaca row it would have been."""
+    segments, dropped = render_conversation(ALPACA, TURNS)
+    assert dropped == 0
+    assert [s["response"] for s in segments] == [False, True, False, True]
+    assert _text(segments) == ("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello"
+                               "\n\n### Instruction:\n2+2?\n\n### Response:\n4")
+    one, _ = render_conversation(ALPACA, TURNS[1:3])
+    assert [s["text"] for s in one] == list(render_row(ALPACA, "Hi", "", "Hello"))
+    # Braces in the data stay as written, {system} in a user turn too.
+    braces, _ = render_conversation(ALPACA, [{"role": "user", "content": "{system} {output}"},
+                                             {"role": "assistant", "content": "{instruction}"}])
+    assert "### Instruction:\n{system} {output}\n" in braces[0]["text"] and braces[1]["text"] == "{instruction}"
+    # An empty assistant turn stays as untrained context; a later system turn has no place and is counted.
+    odd = TURNS[:2] + [{"role": "assistant", "content": ""}, {"role": "system", "content": "x"}] + TURNS[3:]
+    segments, dropped = render_conversation(ALPACA, odd)
+    assert dropped == 1 and [s["response"] for s in segments] == [False, True]
+    assert segments[0]["text"].endswith("### Response:\n\n\n### Instruction:\n2+2?\n\n### Response:\n")
+    with pytest.raises(TemplateError, match="prompt_next_turn"):
+        render_conversation(Template(name="qa", response="{output}", prompt_input="a", prompt_no_input="b"), TURNS)
+
+
+def test_chat_markers_find_the_assistant_header_and_end_of_turn_token():
+    tok = build_tokenizer()
+    assert chat_markers(tok) == ChatMarkers("<|assistant|>\n", "")  # the tiny template ends a turn with "\n"
+    tok = end_of_turn_tokenizer()
+    assert chat_markers(tok) == ChatMarkers("<|assistant|>\n", "<|end|>")
+
+
+def test_a_chat_template_conversation_is_cut_at_each_assistant_turn():
+    """Rendered once, cut where each assistant turn's content is: the pieces are the template's own text
+    (without the end-of-turn tokens tokenize puts back, and the newline after the last turn), and the text
+    before the last turn is the prompt the model gets at inference."""
+    tok = end_of_turn_tokenizer()
+    chat = load_template(TEMPLATES / "chat.yaml")
+    whole = tok.apply_chat_template(TURNS, tokenize=False)
+    segments, _ = render_conversation(chat, TURNS, tok)
+    assert [s["response"] for s in segments] == [False, True, False, True]
+    assert whole == segments[0]["text"] + "Hello<|end|>" + segments[2]["text"] + "4<|end|>\n"
+    assert segments[0]["text"] + "Hello<|end|>" + segments[2]["text"] == tok.apply_chat_template(
+        TURNS[:-1], tokenize=False, add_generation_prompt=True)
+    # The user says exactly what the assistant answers: the answer is still found after the assistant header.
+    echo = [{"role": "user", "content": "Say 4"}, {"role": "assistant", "content": "4"}]
+    segments, _ = render_conversation(chat, echo, tok)
+    assert segments[0]["text"].endswith("Say 4<|end|>\n<|assistant|>\n") and segments[1]["text"] == "4"

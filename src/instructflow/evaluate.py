@@ -304,10 +304,13 @@ def evaluate_model(
         raise KeyError(f"rows {absent[:10]} of {examples_path} are not in {prompts_path}")
 
     pad_id = examples.pad_token_id if "pad_token_id" in examples.metadata else tokenizer.pad_token_id
+    stop_ids = eos_ids(examples.eos_token_id if "eos_token_id" in examples.metadata else None, model)
+    if "end_of_turn_token_id" in examples.metadata:  # a chat template's own end of an assistant turn
+        stop_ids.append(int(examples.metadata["end_of_turn_token_id"]))
     generated, seconds = generate(
         model,
         [examples.prompt(i) for i in range(n_gen)],
-        eos_token_ids=eos_ids(examples.eos_token_id if "eos_token_id" in examples.metadata else None, model),
+        eos_token_ids=stop_ids,
         pad_token_id=int(pad_id),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
