@@ -179,7 +179,7 @@ def test_build_report_says_what_held_out_evaluation_found(inputs):
     d, _, _ = inputs
     summary = json.loads((d / "train.json").read_text())
     summary.update(eval_every=20, eval_rows=32, evaluations=3, best_step=40, best_eval_loss=1.23456, exported="best",
-                   exported_step=40, early_stopping_patience=1, stopped_early=True, stopped_early_at_step=60)
+                   exported_step=40, early_stopping_patience=2, stopped_early=True, stopped_early_at_step=60)
     (d / "train.json").write_text(json.dumps(summary))
     build_report("demo-run", metrics_jsonl=d / "metrics.jsonl", eval_metrics=d / "eval.json",
                  samples_md=d / "samples.md", clean_report=d / "clean.json", audit=d / "audit.json",
@@ -187,6 +187,6 @@ def test_build_report_says_what_held_out_evaluation_found(inputs):
                  out_md=d / "report.md", out_html=d / "report.html")
     md = (d / "report.md").read_text()
     assert ("Held-out loss during training (the first 32 held-out rows, every 20 steps): 3 evaluations, the lowest "
-            "1.2346 at step 40. Exported: the best weights (step 40). Stopped early at step 60: 1 evaluations in a "
+            "1.2346 at step 40. Exported: the best weights (step 40). Stopped early at step 60: 2 evaluations in a "
             "row without a lower loss.") in md
     assert "| best_step | 40 |" in md and "| exported | best |" in md

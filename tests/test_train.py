@@ -411,13 +411,16 @@ BEST = {"max_steps": 12, "lr_scheduler": "constant", "eval_every": 1, "export": 
         "lora": {"r": 4, "alpha": 8}}
 
 
-@pytest.mark.parametrize("method, learning_rate", [("full", 0.01), ("lora", 0.03)])
+# bf16-kahan: the checkpoint's bf16 weights and their Kahan compensation (in the optimiser state) make the fp32 export.
+@pytest.mark.parametrize("method, learning_rate, precision", [("full", 0.01, "fp32"), ("lora", 0.03, "fp32"),
+                                                              ("full", 0.01, "bf16")])
 def test_export_best_writes_the_best_steps_weights_and_a_resumed_run_keeps_them(
-        tmp_path, tiny_model_dir, one_answer_tokens, method, learning_rate):
+        tmp_path, tiny_model_dir, one_answer_tokens, method, learning_rate, precision):
     import shutil
 
     model_dir, (tokens, held_out) = tiny_model_dir("llama"), one_answer_tokens
-    settings = {**BEST, "method": method, "learning_rate": learning_rate}
+    settings = {**BEST, "method": method, "learning_rate": learning_rate, "precision": precision,
+                "advanced": {"bf16_mode": "kahan"}}
     run, summary = _train(tmp_path, model_dir, tokens, eval_path=held_out, **settings)
     losses = _evaluated(run)
     best = min(losses, key=losses.get)

@@ -315,8 +315,9 @@ def held_out_sentence(summary: dict) -> str:
             f"{fmt(summary['best_eval_loss'])} at step {summary['best_step']}. Exported: the {summary['exported']} "
             f"weights (step {summary['exported_step']}).")
     if summary.get("stopped_early"):
-        text += (f" Stopped early at step {summary['stopped_early_at_step']}: "
-                 f"{summary['early_stopping_patience']} evaluations in a row without a lower loss.")
+        patience = summary["early_stopping_patience"]
+        text += (f" Stopped early at step {summary['stopped_early_at_step']}: {patience} "
+                 f"evaluation{'s' if patience != 1 else ''} in a row without a lower loss.")
     return text
 
 

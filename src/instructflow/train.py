@@ -284,7 +284,7 @@ class HeldOut:
     together. Without held-out rows (none given, or an empty split) it evaluates nothing."""
 
     def __init__(self, settings: dict, examples: Examples | None, *, total: int, setup: TrainingSetup, accelerator):
-        self.rows = list(range(min(settings["eval_rows"], len(examples)))) if examples is not None else []
+        self.rows = list(range(len(examples))) if examples is not None else []  # load_held_out's first rows
         self.every = settings["eval_every"] if self.rows else 0
         self.export_best = settings["export"] == "best"
         self.patience = settings["early_stopping_patience"]
@@ -577,7 +577,9 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         examples = Examples.load(train_path)
         check_rows(settings, train_path, examples)
         held_out_examples = load_held_out(settings, eval_path)
-        setup = build_setup(settings, model_dir, device, precision, longest_row=int(examples.lengths.max()))
+        # Held-out rows pass through the same attention: the longest of either split decides (a sliding window).
+        longest_row = max(int(split.lengths.max()) for split in (examples, held_out_examples) if split is not None)
+        setup = build_setup(settings, model_dir, device, precision, longest_row=longest_row)
         planner = BatchPlanner(examples, batch_size=settings["batch_size"],
                                micro_batch_size=settings["micro_batch_size"], world_size=world, seed=settings["seed"],
                                pack=setup.packing)
@@ -660,8 +662,8 @@ def check_rows(settings: dict, train_path: Path, examples: Examples) -> None:
 
 
 def load_held_out(settings: dict, eval_path: Path | None) -> Examples | None:
-    """The held-out examples train.eval_every scores, or None where nothing is evaluated; an error where
-    train.export: best or early stopping needs them and there are none."""
+    """The held-out examples train.eval_every scores (the first train.eval_rows rows), or None where nothing
+    is evaluated; an error where train.export: best or early stopping needs them and there are none."""
     examples = Examples.load(eval_path) if eval_path is not None and settings["eval_every"] else None
     needs = [key for key, on in (("export: best", settings["export"] == "best"),
                                  ("early_stopping_patience", settings["early_stopping_patience"])) if on]
@@ -669,11 +671,16 @@ def load_held_out(settings: dict, eval_path: Path | None) -> Examples | None:
         what = f"the held-out split {eval_path} has no rows" if eval_path is not None else "no held-out tokens were given"
         raise TrainingError(f"train.{' and train.'.join(needs)} decide by the held-out loss, but {what}; set "
                             "data.eval_fraction above 0 (or give rows that fit tokenize.max_length), or turn them off")
-    if examples is not None and not len(examples):
+    if examples is None:
+        return None
+    if not len(examples):
         warnings.warn(f"instructflow: the held-out split {eval_path} has no rows: no held-out loss during training",
                       RuntimeWarning, stacklevel=2)
         return None
-    return examples
+    rows = min(settings["eval_rows"], len(examples))
+    end = int(examples.offsets[rows])
+    return Examples(examples.input_ids[:end], examples.labels[:end], examples.offsets[:rows + 1],
+                    examples.prompt_lengths[:rows], examples.row[:rows], examples.metadata)
 
 
 def main(argv: list[str] | None = None) -> None:
