@@ -448,7 +448,7 @@ def test_export_best_writes_the_best_steps_weights_and_a_resumed_run_keeps_them(
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_a_lower_loss(
-        tmp_path, tiny_model_dir, train_tokens, held_out_tokens):
+        tmp_path, tiny_model_dir, train_tokens, held_out_tokens, monkeypatch):
     model_dir = tiny_model_dir("llama")
     # A learning rate whose updates round away in fp32 (1e-30 against weights of ~0.02): the weights never
     # move, so no evaluation can beat the first one; both premises are checked below.
@@ -461,6 +461,14 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_lower_loss(
     assert summary["stopped_early"] is True and summary["stopped_early_at_step"] == summary["steps"] == 8
     assert summary["best_step"] == 2 and summary["exported_step"] == 8
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2, 4, 5, 6, 8]
+    # A signal after the step that stops early: training ends there as it would have (and exports), instead of
+    # leaving a checkpoint that a rerun would resume past the early stop from.
+    from instructflow import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module.StopSignals, "stop_requested", lambda self, acc: calls.append(1) or len(calls) == 8)
+    signalled, again = _train(tmp_path, model_dir, train_tokens, "signalled", eval_path=held_out_tokens, **settings)
+    assert again["steps"] == 8 and again["stopped_early"] is True and (signalled / "model").is_dir()
 
 
 def test_patience_counts_evaluations_since_the_best_one(monkeypatch):

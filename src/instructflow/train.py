@@ -625,14 +625,14 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                 if accelerator.is_main_process:
                     checkpoint(setup, scheduler, held_out, workdir, fp, done, progress.extra())
                 accelerator.wait_for_everyone()
+            if held_out.stop_early:  # before a signal's stop: a run resumed past its early stop would train on
+                accelerator.print(f"stopping early after step {done}: {held_out.patience} held-out evaluations "
+                                  f"without a loss below {held_out.best_loss:.4f} (step {held_out.best_step})")
+                break
             if stopping:
                 bar.close()
                 raise TrainingError(f"stopped by {stop.name()} after step {done} of {total}; checkpoint written "
                                     f"to {workdir / f'step-{done:08d}'}; rerun to resume")
-            if held_out.stop_early:
-                accelerator.print(f"stopping early after step {done}: {held_out.patience} held-out evaluations "
-                                  f"without a loss below {held_out.best_loss:.4f} (step {held_out.best_step})")
-                break
     bar.close()
     accelerator.wait_for_everyone()
     summary = {}
