@@ -29,7 +29,8 @@ from instructflow.launch import accelerate_config
 LOSS_ATOL = 1e-4
 STEPS = 6
 SETTINGS = {"max_steps": STEPS, "batch_size": 8, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1,
-            "checkpoint_every": 0, "learning_rate": 0.01, "precision": "fp32", "seed": 7}
+            "checkpoint_every": 0, "learning_rate": 0.01, "precision": "fp32", "seed": 7, "eval_every": 2,
+            "eval_rows": 7}  # an odd count: the ranks score 4 and 3 rows
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,16 @@ def workspace(tmp_path_factory) -> Path:
     tok.save_pretrained(root / "model")
     # Rows of varied length and prompt share, so micro-batches pad differently on 1 and 2 ranks.
     g = torch.Generator().manual_seed(0)
-    rows, prompts = [], []
-    for _ in range(32):
-        n = int(torch.randint(6, 30, (1,), generator=g))
-        p = int(torch.randint(2, n - 2, (1,), generator=g))
-        ids = torch.randint(2, len(tok), (n,), generator=g).tolist()
-        rows.append((ids, [IGNORE_INDEX] * p + ids[p:]))
-        prompts.append(p)
-    Examples.from_rows(rows, list(range(len(rows))), prompts,
-                       {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}).save(root / "train.safetensors")
+    for split, count in (("train", 32), ("eval", 10)):
+        rows, prompts = [], []
+        for _ in range(count):
+            n = int(torch.randint(6, 30, (1,), generator=g))
+            p = int(torch.randint(2, n - 2, (1,), generator=g))
+            ids = torch.randint(2, len(tok), (n,), generator=g).tolist()
+            rows.append((ids, [IGNORE_INDEX] * p + ids[p:]))
+            prompts.append(p)
+        Examples.from_rows(rows, list(range(len(rows))), prompts, {"eos_token_id": tok.eos_token_id,
+                           "pad_token_id": tok.pad_token_id}).save(root / f"{split}.safetensors")
     (root / "settings.json").write_text(json.dumps(SETTINGS))
     return root
 
@@ -61,7 +63,7 @@ def launch(root: Path, processes: int, port: int) -> tuple[list[dict], dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(processes), "--main_process_port", str(port),
            "-m", "instructflow.train", "--settings", str(root / "settings.json"), "--model", str(root / "model"),
-           "--train", str(root / "train.safetensors"), "--out", str(root / name / "model"),
+           "--train", str(root / "train.safetensors"), "--eval", str(root / "eval.safetensors"), "--out", str(root / name / "model"),
            "--metrics", str(root / name / "metrics.jsonl"), "--summary", str(root / name / "summary.json"),
            "--workdir", str(root / name / "checkpoints")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -83,3 +85,9 @@ def test_two_cpu_processes_match_one(workspace):
     assert abs(one[-1]["loss"] - one[0]["loss"]) > 10 * LOSS_ATOL
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=LOSS_ATOL), (a, b)
+    # Held-out loss: each rank scores its share of the rows, the sums are all-reduced, so every rank (and the
+    # record) has the loss one process computes over all of them; the best step follows.
+    assert [r["step"] for r in two if "eval_loss" in r] == [r["step"] for r in one if "eval_loss" in r] == [2, 4, 6]
+    for a, b in zip(one, two):
+        assert b.get("eval_loss", 0.0) == pytest.approx(a.get("eval_loss", 0.0), abs=LOSS_ATOL), (a, b)
+    assert (two_summary["best_step"], two_summary["evaluations"]) == (one_summary["best_step"], 3)

@@ -59,6 +59,21 @@ def test_plot_loss_png_and_points(tmp_path):
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name != "loss.png"]  # no temp file left
 
 
+def test_plot_loss_draws_the_held_out_points(tmp_path):
+    _write_metrics(tmp_path / "metrics.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["step"] % 4 == 0 or r["step"] == 10:  # train.eval_every 4: steps 4, 8 and the last
+            r["eval_loss"] = 2.0 + 1.0 / r["step"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    counts = plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert counts == {"train_vs_step": 10, "train_vs_tokens": 10, "eval_vs_step": 3, "eval_vs_tokens": 3}
+    without = tmp_path / "plain.png"
+    _write_metrics(tmp_path / "plain.jsonl")
+    plot_loss(tmp_path / "plain.jsonl", without)
+    assert (tmp_path / "loss.png").read_bytes() != without.read_bytes()
+
+
 def test_plot_loss_without_data(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     assert plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png") == {}
@@ -158,3 +173,20 @@ def test_build_report_missing_inputs(tmp_path):
     p = _Checker()
     p.feed((tmp_path / "r.html").read_text())
     assert not p.errors and not p.stack
+
+
+def test_build_report_says_what_held_out_evaluation_found(inputs):
+    d, _, _ = inputs
+    summary = json.loads((d / "train.json").read_text())
+    summary.update(eval_every=20, eval_rows=32, evaluations=3, best_step=40, best_eval_loss=1.23456, exported="best",
+                   exported_step=40, early_stopping_patience=2, stopped_early=True, stopped_early_at_step=60)
+    (d / "train.json").write_text(json.dumps(summary))
+    build_report("demo-run", metrics_jsonl=d / "metrics.jsonl", eval_metrics=d / "eval.json",
+                 samples_md=d / "samples.md", clean_report=d / "clean.json", audit=d / "audit.json",
+                 train_summary=d / "train.json", loss_png=d / "plots" / "loss.png",
+                 out_md=d / "report.md", out_html=d / "report.html")
+    md = (d / "report.md").read_text()
+    assert ("Held-out loss during training (the first 32 held-out rows, every 20 steps): 3 evaluations, the lowest "
+            "1.2346 at step 40. Exported: the best weights (step 40). Stopped early at step 60: 2 evaluations in a "
+            "row without a lower loss.") in md
+    assert "| best_step | 40 |" in md and "| exported | best |" in md

@@ -26,10 +26,22 @@ def train_tokens(train_examples):
     return train_examples[1]
 
 
-def _train(tmp_path, model_dir, tokens, name="run", **settings):
+@pytest.fixture(scope="module")
+def held_out_tokens(tmp_path_factory, alpaca_prompts):
+    """The .test rows' held-out split, tokenized as train_examples is (19 rows)."""
+    from conftest import build_tokenizer
+    from instructflow.tokenization import tokenize_prompts
+
+    path = tmp_path_factory.mktemp("held-out") / "eval.safetensors"
+    tokenize_prompts(alpaca_prompts, build_tokenizer(), max_length=1024).splits["eval"].save(path)
+    return path
+
+
+def _train(tmp_path, model_dir, tokens, name="run", eval_path=None, **settings):
     run = tmp_path / name
     summary = train({**BASE, **settings}, model_dir=model_dir, train_path=tokens, out_dir=run / "model",
-                    metrics_path=run / "metrics.jsonl", summary_path=run / "summary.json", workdir=run / "work")
+                    metrics_path=run / "metrics.jsonl", summary_path=run / "summary.json", workdir=run / "work",
+                    eval_path=eval_path)
     return run, summary
 
 
@@ -331,3 +343,165 @@ def test_training_caps_onednn_primitive_cache_before_the_first_matmul(monkeypatc
     monkeypatch.setenv(train_module.ONEDNN_CACHE, "8")  # a user's own choice wins
     train_module.start_accelerator()
     assert train_module.os.environ[train_module.ONEDNN_CACHE] == "8"
+
+
+# ------------------------------------------------------------------------------ held-out evaluation
+def _evaluated(run) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r}
+
+
+def test_held_out_loss_every_n_steps_is_the_exported_models_loss_and_leaves_training_alone(
+        tmp_path, tiny_model_dir, train_tokens, held_out_tokens):
+    from transformers import AutoModelForCausalLM
+
+    from instructflow.evaluate import eval_loss
+    from instructflow.examples import Examples
+
+    model_dir = tiny_model_dir("llama")
+    settings = {"max_steps": 7, "log_every": 2, "eval_every": 3, "eval_rows": 5}
+    run, summary = _train(tmp_path, model_dir, train_tokens, eval_path=held_out_tokens, **settings)
+    records = read_jsonl(run / "metrics.jsonl")
+    # Every third step and the last; each evaluation is a record (with the training keys: additive).
+    assert list(_evaluated(run)) == [3, 6, 7]
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 7]
+    assert all(METRIC_KEYS <= set(r) for r in records)
+    assert (summary["evaluations"], summary["eval_every"], summary["eval_rows"]) == (3, 3, 5)
+    losses = _evaluated(run)
+    assert summary["best_eval_loss"] == min(losses.values()) and losses[summary["best_step"]] == min(losses.values())
+    assert summary["exported"] == "last" and summary["exported_step"] == 7 and summary["stopped_early"] is False
+    # The loss after the last step is the evaluate stage's loss of the exported model on the first 5 rows.
+    held_out = Examples.load(held_out_tokens)
+    first = Examples.from_rows([held_out.get(i) for i in range(5)], list(range(5)), [0] * 5, held_out.metadata)
+    exported = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    assert losses[7] == pytest.approx(eval_loss(exported, first)["eval_loss"], rel=1e-5)
+    # Scoring held-out rows takes no gradient and no random number: the same weights as without it.
+    plain, _ = _train(tmp_path, model_dir, train_tokens, "plain", **settings)
+    assert not _evaluated(plain)
+    weights, plain_weights = _weights(run / "model"), _weights(plain / "model")
+    assert all(torch.equal(weights[name], plain_weights[name]) for name in weights)
+
+
+@pytest.fixture(scope="module")
+def one_answer_tokens(tmp_path_factory):
+    """Train rows that all answer with token A, held-out rows of which one in four answers with token B: as
+    training makes A more likely, the held-out loss falls (the A rows) and then rises again (the B rows), so the
+    best step comes before the last (asserted where it matters, so a test says so if this stops holding)."""
+    from conftest import build_tokenizer
+    from instructflow.examples import IGNORE_INDEX, Examples
+
+    tok = build_tokenizer()
+    metadata = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+    def rows(n: int, answers: list[int], seed: int) -> Examples:
+        g = torch.Generator().manual_seed(seed)
+        made = []
+        for i in range(n):
+            prompt = torch.randint(2, len(tok), (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+            answer = [answers[i % len(answers)]] * 6
+            made.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+        return Examples.from_rows(made, list(range(n)), [len(ids) - 6 for ids, _ in made], metadata)
+
+    folder = tmp_path_factory.mktemp("one-answer")
+    rows(32, [100], seed=0).save(folder / "train.safetensors")
+    rows(8, [100, 100, 100, 200], seed=1).save(folder / "eval.safetensors")
+    return folder / "train.safetensors", folder / "eval.safetensors"
+
+
+BEST = {"max_steps": 12, "lr_scheduler": "constant", "eval_every": 1, "export": "best", "checkpoint_every": 2,
+        "lora": {"r": 4, "alpha": 8}}
+
+
+# bf16-kahan: the checkpoint's bf16 weights and their Kahan compensation (in the optimiser state) make the fp32 export.
+@pytest.mark.parametrize("method, learning_rate, precision", [("full", 0.01, "fp32"), ("lora", 0.03, "fp32"),
+                                                              ("full", 0.01, "bf16")])
+def test_export_best_writes_the_best_steps_weights_and_a_resumed_run_keeps_them(
+        tmp_path, tiny_model_dir, one_answer_tokens, method, learning_rate, precision):
+    import shutil
+
+    model_dir, (tokens, held_out) = tiny_model_dir("llama"), one_answer_tokens
+    settings = {**BEST, "method": method, "learning_rate": learning_rate, "precision": precision,
+                "advanced": {"bf16_mode": "kahan"}}
+    run, summary = _train(tmp_path, model_dir, tokens, eval_path=held_out, **settings)
+    losses = _evaluated(run)
+    best = min(losses, key=losses.get)
+    assert summary["best_step"] == summary["exported_step"] == best and summary["exported"] == "best"
+    assert best <= BEST["max_steps"] - 2 * BEST["checkpoint_every"], losses  # later checkpoints, pruned since
+    exported = _weights(run / "model")
+    # A run of exactly `best` steps (same batches and schedule up to there) exports the same weights ...
+    short, _ = _train(tmp_path, model_dir, tokens, "short", **{**settings, "max_steps": best, "export": "last",
+                                                               "eval_every": 0})
+    assert all(torch.equal(exported[name], tensor) for name, tensor in _weights(short / "model").items())
+    # ... which the last step's are not.
+    _, last = _train(tmp_path, model_dir, tokens, "last", eval_path=held_out, **{**settings, "export": "last"})
+    assert last["exported_step"] == 12 and last["best_step"] == best
+    assert not all(torch.equal(exported[name], tensor) for name, tensor in _weights(tmp_path / "last" / "model").items())
+    # The best step's checkpoint outlives the pruning (newest two kept); a rerun resumes and exports it again.
+    kept = sorted(p.name for p in (run / "work").glob("step-*"))
+    assert kept == [f"step-{best:08d}", "step-00000008", "step-00000010"]
+    shutil.rmtree(run / "model")
+    (run / "metrics.jsonl").unlink()
+    _, resumed = _train(tmp_path, model_dir, tokens, eval_path=held_out, **settings)
+    assert resumed["resumed_from_step"] == 10 and resumed["best_step"] == best
+    assert resumed["evaluations"] == summary["evaluations"] == 12
+    assert _evaluated(run) == pytest.approx(losses, abs=1e-6)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in _weights(run / "model").items())
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_lower_loss(
+        tmp_path, tiny_model_dir, train_tokens, held_out_tokens, monkeypatch):
+    model_dir = tiny_model_dir("llama")
+    # A learning rate whose updates round away in fp32 (1e-30 against weights of ~0.02): the weights never
+    # move, so no evaluation can beat the first one; both premises are checked below.
+    settings = {"max_steps": 20, "learning_rate": 1e-30, "eval_every": 2, "early_stopping_patience": 3,
+                "log_every": 5}
+    run, summary = _train(tmp_path, model_dir, train_tokens, eval_path=held_out_tokens, **settings)
+    losses = _evaluated(run)
+    assert list(losses) == [2, 4, 6, 8] and len(set(losses.values())) == 1
+    assert all(torch.equal(tensor, _weights(model_dir)[name]) for name, tensor in _weights(run / "model").items())
+    assert summary["stopped_early"] is True and summary["stopped_early_at_step"] == summary["steps"] == 8
+    assert summary["best_step"] == 2 and summary["exported_step"] == 8
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2, 4, 5, 6, 8]
+    # A signal after the step that stops early: training ends there as it would have (and exports), instead of
+    # leaving a checkpoint that a rerun would resume past the early stop from.
+    from instructflow import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module.StopSignals, "stop_requested", lambda self, acc: calls.append(1) or len(calls) == 8)
+    signalled, again = _train(tmp_path, model_dir, train_tokens, "signalled", eval_path=held_out_tokens, **settings)
+    assert again["steps"] == 8 and again["stopped_early"] is True and (signalled / "model").is_dir()
+
+
+def test_patience_counts_evaluations_since_the_best_one(monkeypatch):
+    from instructflow import train as train_module
+    from instructflow.config import train_settings
+
+    rows = list(range(10))  # what HeldOut takes of the examples here: their count
+    losses = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.0, float("nan")])
+    monkeypatch.setattr(train_module, "held_out_loss", lambda *args: next(losses))
+    settings = train_settings({"eval_every": 1, "early_stopping_patience": 3, "export": "best"})
+    held_out = train_module.HeldOut(settings, rows, total=100, setup=None,
+                                    accelerator=None)
+    stops = []
+    for done in range(1, 8):
+        held_out.after_step(done)
+        stops.append(held_out.stop_early)
+    # An equal loss is no improvement, nor is nan; the counter starts over at each new best.
+    assert stops == [False, False, False, False, False, False, True]
+    assert (held_out.best_step, held_out.best_loss) == (4, 1.0)
+    state = held_out.state_dict()
+    fresh = train_module.HeldOut(settings, rows, total=100, setup=None, accelerator=None)
+    fresh.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint's manifest keeps it
+    assert fresh.state_dict() == state and fresh.stop_early
+
+
+def test_export_best_or_early_stopping_without_held_out_rows_stops_with_the_keys(tmp_path, tiny_model_dir,
+                                                                                 train_tokens):
+    from instructflow.config import ConfigError, train_settings
+    from instructflow.train import TrainingError
+
+    with pytest.raises(ConfigError, match="config key export: best .*eval_every"):
+        train_settings({"export": "best", "eval_every": 0})
+    with pytest.raises(ConfigError, match="config key early_stopping_patience: 2 .*eval_every"):
+        train_settings({"early_stopping_patience": 2, "eval_every": 0})
+    with pytest.raises(TrainingError, match="train.export: best decide.*no held-out tokens"):
+        _train(tmp_path, tiny_model_dir("llama"), train_tokens, export="best", eval_every=2)

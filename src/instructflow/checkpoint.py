@@ -77,9 +77,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    scheduler_state: dict, fingerprint: str, extra: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` and keep the newest ``keep``; CheckpointError (older checkpoints intact)
-    when the folder cannot be written, e.g. a full disk."""
+                    scheduler_state: dict, fingerprint: str, extra: dict | None = None, keep: int = 2,
+                    protect: int | None = None) -> Path:
+    """Write checkpoint ``step`` and keep the newest ``keep``, and checkpoint ``protect`` (a step: the best one,
+    which train.export: best exports) whatever its age; CheckpointError (older checkpoints intact) when the folder
+    cannot be written, e.g. a full disk."""
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
@@ -106,7 +108,7 @@ def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tenso
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {err}. Free disk space or fix the permissions "
                               f"of {folder}; earlier checkpoints there are intact") from err
-    prune(folder, keep)
+    prune(folder, keep, protect=None if protect is None else folder / f"step-{protect:08d}")
     return final
 
 
@@ -117,11 +119,11 @@ def _fingerprint_of(path: Path) -> str | None:
         return None
 
 
-def prune(folder: Path, keep: int) -> None:
+def prune(folder: Path, keep: int, protect: Path | None = None) -> None:
     """Keep the newest ``keep`` checkpoints of each fingerprint. Counted per fingerprint, so a new run
     never deletes its own fresh checkpoints because an older run (other settings or data) left some with
     higher step numbers; that run keeps its newest ``keep`` too, for when its settings come back. A folder
-    whose manifest cannot be read is left alone (resuming skips it)."""
+    whose manifest cannot be read is left alone (resuming skips it), and so is ``protect``."""
     groups: dict[str, list[Path]] = {}
     for path in list_checkpoints(folder):
         fp = _fingerprint_of(path)
@@ -129,7 +131,8 @@ def prune(folder: Path, keep: int) -> None:
             groups.setdefault(fp, []).append(path)
     for paths in groups.values():
         for old in paths[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != protect:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -120,7 +120,7 @@ def cmd_train(a):
     from . import launch
 
     worker = launch.worker_args(settings=a.settings, model=a.model, train=a.train, out=a.out, metrics=a.metrics,
-                                summary=a.summary, workdir=a.workdir)
+                                summary=a.summary, workdir=a.workdir, eval=a.eval)
     code = launch.run(worker, run=a.run, threads=a.threads, processes=a.processes,
                       config_folder=a.accelerate_configs or launch.ACCELERATE_CONFIGS)
     if code:
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p = add("train", cmd_train, "run", "settings", "model", "train", "out", "metrics", "summary", "workdir",
-            "accelerate_configs", optional=("accelerate_configs",))
+    p = add("train", cmd_train, "run", "settings", "model", "train", "eval", "out", "metrics", "summary", "workdir",
+            "accelerate_configs", optional=("accelerate_configs", "eval"))  # --eval: the held-out tokens
     p.add_argument("--threads", type=int, default=1, help="CPU threads the job holds (split among processes)")
     p.add_argument("--processes", type=int, default=1, help="accelerate processes (one per GPU)")
     return parser

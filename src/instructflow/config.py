@@ -180,6 +180,11 @@ def train_settings(settings: dict) -> dict:
         # kernels/kahan.py: optimi decays the bf16 weights themselves, where lr x weight_decay rounds away.
         raise ConfigError("config key advanced.bf16_mode: kahan needs weight_decay 0: its optimiser would apply the "
                           "decay to bf16 weights, where so small a step rounds away; use bf16_mode masters or auto")
+    for key, on in (("export", settings["export"] == "best"), ("early_stopping_patience", settings["early_stopping_patience"])):
+        if on and not settings["eval_every"]:
+            raise ConfigError(f"config key {key}: {settings[key]} decides by the held-out loss during training, which "
+                              "train.eval_every: 0 turns off; set eval_every (steps between evaluations) or "
+                              f"{key}: {'last' if key == 'export' else 0}")
     return settings
 
 

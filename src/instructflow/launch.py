@@ -32,6 +32,7 @@ from .kernels import allocator
 WORKER = "instructflow.train"
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
 WORKER_ARGS = ("settings", "model", "train", "out", "metrics", "summary", "workdir")
+OPTIONAL_WORKER_ARGS = ("eval",)  # the held-out tokens train.eval_every scores
 
 
 def process_count(gpus: int | str | None, configured: int) -> int:
@@ -86,11 +87,13 @@ def launch_command(worker_args: Sequence[str], *, run: str, processes: int, env:
 
 
 def worker_args(**paths) -> list[str]:
-    """``--settings ... --model ... --train ... --out ... --metrics ... --summary ... --workdir ...``."""
+    """``--settings ... --model ... --train ... --out ... --metrics ... --summary ... --workdir ...``, then
+    ``--eval ...`` where given."""
     missing = [k for k in WORKER_ARGS if paths.get(k) in (None, "")]
     if missing:
         raise ValueError(f"missing worker arguments: {', '.join(missing)}")
-    return [item for k in WORKER_ARGS for item in (f"--{k}", str(paths[k]))]
+    given = [k for k in OPTIONAL_WORKER_ARGS if paths.get(k) not in (None, "")]
+    return [item for k in (*WORKER_ARGS, *given) for item in (f"--{k}", str(paths[k]))]
 
 
 def fast_path(settings: str) -> bool:

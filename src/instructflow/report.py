@@ -174,12 +174,14 @@ def _num(value) -> float | None:
 
 def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> dict[str, int]:
     """Training loss (train.py's metrics.jsonl) against optimiser step (left) and against trained
-    tokens (right). Returns how many points each plotted series holds."""
+    tokens (right), with the held-out loss of the records that have one (train.eval_every) as points on
+    both. Returns how many points each plotted series holds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = read_jsonl(metrics_jsonl) if Path(metrics_jsonl).exists() else []
     train = [r for r in rows if _num(r.get("loss")) is not None and _num(r.get("step")) is not None]
+    held_out = [r for r in rows if _num(r.get("eval_loss")) is not None and _num(r.get("step")) is not None]
 
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -195,6 +197,14 @@ def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> d
                if _num(r.get("trained_tokens")) is not None]
         if tok:
             lines["train_vs_tokens"] = ax_tok.plot(*zip(*tok), label="train loss", lw=1.2)[0]
+    if held_out:
+        style = {"label": "held-out loss", "marker": "o", "ms": 4, "lw": 1.0, "color": "tab:orange"}
+        lines["eval_vs_step"] = ax_step.plot([float(r["step"]) for r in held_out],
+                                             [float(r["eval_loss"]) for r in held_out], **style)[0]
+        tok = [(_num(r.get("trained_tokens")), float(r["eval_loss"])) for r in held_out
+               if _num(r.get("trained_tokens")) is not None]
+        if tok:
+            lines["eval_vs_tokens"] = ax_tok.plot(*zip(*tok), **style)[0]
     for name, line in lines.items():
         counts[name] = len(line.get_xdata())
 
@@ -209,7 +219,7 @@ def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> d
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     ax_step.set_title("Loss vs step")
     ax_tok.set_title("Loss vs trained tokens")
-    fig.suptitle("Training loss")
+    fig.suptitle("Training and held-out loss" if held_out else "Training loss")
     fig.tight_layout()
 
     with atomic_path(out_png) as tmp:
@@ -262,6 +272,8 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
     if train_rows:
         blocks.append(("p", f"Logged {len(train_rows)} training points; last train loss "
                             f"{fmt(float(train_rows[-1]['loss']))}."))
+    if ts and ts.get("evaluations"):
+        blocks.append(("p", held_out_sentence(ts)))
 
     blocks.append(("h", 2, "Loss curve"))
     if loss_png is not None and Path(loss_png).exists():
@@ -294,6 +306,19 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
     else:
         blocks.append(("p", "No samples."))
     return blocks
+
+
+def held_out_sentence(summary: dict) -> str:
+    """What the held-out evaluations during training found, and which weights became the model."""
+    text = (f"Held-out loss during training (the first {summary['eval_rows']} held-out rows, every "
+            f"{summary['eval_every']} steps): {summary['evaluations']} evaluations, the lowest "
+            f"{fmt(summary['best_eval_loss'])} at step {summary['best_step']}. Exported: the {summary['exported']} "
+            f"weights (step {summary['exported_step']}).")
+    if summary.get("stopped_early"):
+        patience = summary["early_stopping_patience"]
+        text += (f" Stopped early at step {summary['stopped_early_at_step']}: {patience} "
+                 f"evaluation{'s' if patience != 1 else ''} in a row without a lower loss.")
+    return text
 
 
 def _render_md(blocks, out_md) -> str:

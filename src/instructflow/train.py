@@ -1,7 +1,8 @@
 """train stage: the worker that ``accelerate launch`` runs (``instructflow train`` starts it).
 
 Cached token tensors in, a plain ``save_pretrained`` folder out. ``train()`` reads top to bottom: set up,
-then per step plan the batch, accumulate gradients, step the optimiser, log, checkpoint; then export.
+then per step plan the batch, accumulate gradients, step the optimiser, score the held-out rows when due,
+log, checkpoint; then export the last or the best weights.
 - The batch plan is a pure function of (seed, step), so every rank builds it alone and a resumed run
   continues with the exact batches it would have seen.
 - The loss of a step is the summed cross-entropy over the labelled tokens of the global batch divided
@@ -12,9 +13,12 @@ then per step plan the batch, accumulate gradients, step the optimiser, log, che
   architecture and says what it applied (summary.json). ``train.advanced.fast_path: false`` skips it.
 - Checkpoints live in a work folder outside the rule's outputs (Snakemake deletes outputs before a
   rerun), are written atomically and carry a fingerprint of settings + data.
+- Held-out evaluation (``HeldOut``) scores a fixed subset of the eval split every train.eval_every steps;
+  with train.export: best the step of the lowest loss is written as a checkpoint and kept until a better one
+  comes, so the best survives a stop and resume, and export loads it back.
 
-Run: python -m instructflow.train --settings settings.json --model DIR --train TOKENS --out MODEL_DIR
-     --metrics metrics.jsonl --summary summary.json --workdir CHECKPOINTS
+Run: python -m instructflow.train --settings settings.json --model DIR --train TOKENS [--eval TOKENS]
+     --out MODEL_DIR --metrics metrics.jsonl --summary summary.json --workdir CHECKPOINTS
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from safetensors import SafetensorError
 
 from . import precision as precisions
 from .batching import BatchPlanner, StepPlan, collate
-from .checkpoint import CheckpointError, file_sha256, latest_valid, save_checkpoint
+from .checkpoint import CheckpointError, file_sha256, latest_valid, load_checkpoint, save_checkpoint
 from .config import train_settings
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -178,11 +182,12 @@ def content_sha256(path: Path, cache: Path | None = None) -> str:
 
 
 def fingerprint(settings: dict, setup: TrainingSetup, train_path: Path, model_dir: Path,
-                cache: Path | None = None) -> str:
-    """Settings + what was applied (the resolved precision among it) + the content of the token file and
-    of the base model's weight files: a file touched but identical resumes, an edited one starts over."""
+                cache: Path | None = None, eval_path: Path | None = None) -> str:
+    """Settings + what was applied (the resolved precision among it) + the content of the token files (the
+    held-out one where evaluation runs: the best step depends on it) and of the base model's weight files: a
+    file touched but identical resumes, an edited one starts over."""
     digest = hashlib.sha256(json.dumps([settings, setup.applied], sort_keys=True, default=str).encode())
-    files = [Path(train_path), *sorted(Path(model_dir).glob("*.safetensors"))]
+    files = [Path(train_path), *([Path(eval_path)] if eval_path else []), *sorted(Path(model_dir).glob("*.safetensors"))]
     for path in files:
         content = content_sha256(path, cache) if path.is_file() else "missing"
         digest.update(f"{path.name}:{content}\n".encode())
@@ -190,6 +195,12 @@ def fingerprint(settings: dict, setup: TrainingSetup, train_path: Path, model_di
 
 
 # ------------------------------------------------------------------------------------------- step
+def device_batch(setup: TrainingSetup, examples: Examples, rows: list[int], device) -> dict:
+    """The micro-batch of these rows on the device: packed where the setup packs one of its length."""
+    pack = setup.packs(int(examples.lengths[rows].sum()))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, rows, pack=pack).items()}
+
+
 def train_step(setup: TrainingSetup, wrapped, accelerator, examples: Examples, plan: StepPlan) -> tuple[float, int]:
     """Forward and backward over this rank's micro-batches of one optimiser step; gradients are left for the
     precision strategy to step. Returns the step's mean loss over all ranks and this rank's non-pad tokens."""
@@ -197,8 +208,7 @@ def train_step(setup: TrainingSetup, wrapped, accelerator, examples: Examples, p
     micro_batches = plan.micro_batches[accelerator.process_index]
     step_loss, tokens = torch.zeros((), device=device), 0
     for i, rows in enumerate(micro_batches):
-        pack = setup.packs(int(examples.lengths[rows].sum()))
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, rows, pack=pack).items()}
+        batch = device_batch(setup, examples, rows, device)
         # Only the last micro-batch of a step all-reduces gradients across processes.
         sync = accelerator.no_sync(wrapped) if i < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync:
@@ -245,6 +255,89 @@ class Window:
         return record
 
 
+@torch.no_grad()
+def held_out_loss(setup: TrainingSetup, accelerator, examples: Examples, rows: list[int], micro_batch_size: int) -> float:
+    """Mean loss per response token over ``rows`` of the held-out ``examples``, computed as a training step
+    computes it (the setup's loss, packing and precision) without gradients, in eval mode. Each process scores
+    every world-th row and the sums are all-reduced: every process gets the same value."""
+    device = accelerator.device
+    mine = sorted(rows[accelerator.process_index::accelerator.num_processes], key=lambda i: -int(examples.lengths[i]))
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, labelled tokens
+    setup.model.eval()
+    for start in range(0, len(mine), micro_batch_size):
+        batch = device_batch(setup, examples, mine[start:start + micro_batch_size], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision.autocast):
+            loss_sum, n = setup.loss(setup.model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                                     **setup.forward_kwargs(batch, device))
+        sums += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    setup.model.train()
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    return float(sums[0] / sums[1]) if sums[1] else float("nan")
+
+
+class HeldOut:
+    """Evaluation during training: after every ``train.eval_every``-th step and after the last one, the held-out
+    loss over the first ``train.eval_rows`` rows of the eval split (the same rows every time). Remembers the
+    best step, and with ``train.early_stopping_patience`` says when that many evaluations in a row brought no
+    lower loss. Every process computes the same all-reduced loss, so all take the same decisions and stop
+    together. Without held-out rows (none given, or an empty split) it evaluates nothing."""
+
+    def __init__(self, settings: dict, examples: Examples | None, *, total: int, setup: TrainingSetup, accelerator):
+        self.rows = list(range(len(examples))) if examples is not None else []  # load_held_out's first rows
+        self.every = settings["eval_every"] if self.rows else 0
+        self.export_best = settings["export"] == "best"
+        self.patience = settings["early_stopping_patience"]
+        self.examples, self.total, self.setup, self.accelerator = examples, total, setup, accelerator
+        self.micro_batch_size = settings["micro_batch_size"]
+        self.best_step: int | None = None
+        self.best_loss = math.inf
+        self.since_best = 0  # evaluations since the best one
+        self.evaluations = 0
+        self.improved = False  # by the evaluation of the step just trained
+
+    def after_step(self, done: int) -> dict:
+        """Evaluate where ``done`` steps are due; the fields this step's metrics record gets ({} if none)."""
+        self.improved = False
+        if not self.every or (done % self.every and done != self.total):
+            return {}
+        loss = held_out_loss(self.setup, self.accelerator, self.examples, self.rows, self.micro_batch_size)
+        self.evaluations += 1
+        self.improved = loss < self.best_loss  # a nan never improves
+        if self.improved:
+            self.best_step, self.best_loss, self.since_best = done, loss, 0
+        else:
+            self.since_best += 1
+        return {"eval_loss": loss}
+
+    @property
+    def stop_early(self) -> bool:
+        return bool(self.patience) and self.since_best >= self.patience
+
+    def keep_best(self, done: int) -> bool:
+        """Whether this step's weights must be kept as a checkpoint: a new best to export, before the last step."""
+        return self.export_best and self.improved and done < self.total
+
+    def exported_step(self, done: int) -> int:
+        return self.best_step if self.export_best and self.best_step is not None else done
+
+    def state_dict(self) -> dict:
+        return {"best_step": self.best_step, "best_loss": self.best_loss if self.best_step is not None else None,
+                "since_best": self.since_best, "evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_step, self.since_best, self.evaluations = state["best_step"], state["since_best"], state["evaluations"]
+        self.best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
+
+    def summary(self, done: int) -> dict:
+        return {"eval_every": self.every, "eval_rows": len(self.rows) if self.every else 0,
+                "evaluations": self.evaluations, "best_step": self.best_step,
+                "best_eval_loss": self.best_loss if self.best_step is not None else None,
+                "exported": "best" if self.export_best else "last", "exported_step": self.exported_step(done),
+                "early_stopping_patience": self.patience, "stopped_early": self.stop_early and done < self.total,
+                "stopped_early_at_step": done if self.stop_early and done < self.total else None}
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 @dataclasses.dataclass
 class Progress:
@@ -281,7 +374,7 @@ class Progress:
                 "trained_tokens_per_s": round(self.trained_tokens_per_s(), 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def resume(setup: TrainingSetup, scheduler, workdir: Path, fp: str, log) -> Progress:
+def resume(setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp: str, log) -> Progress:
     ckpt = latest_valid(workdir, fp, log=log)
     if not ckpt:
         return Progress()
@@ -293,14 +386,38 @@ def resume(setup: TrainingSetup, scheduler, workdir: Path, fp: str, log) -> Prog
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"])
     extra = ckpt["extra"]
+    held_out.load_state_dict(extra["held_out"])
+    best = held_out.exported_step(ckpt["step"])
+    if not (workdir / f"step-{best:08d}").is_dir():  # pruned only where a later checkpoint was unreadable
+        raise TrainingError(f"checkpoint {ckpt['step']} in {workdir} exports the best step, {best}, whose checkpoint "
+                            "is gone; delete the folder to start over, or set train.export: last")
     log(f"resuming from checkpoint at step {ckpt['step']}")
     return Progress(ckpt["step"], extra["tokens"], extra["trained_tokens"], extra["elapsed_s"], extra["elapsed_s"])
 
 
-def checkpoint(setup: TrainingSetup, scheduler, workdir: Path, fp: str, step: int, progress: dict) -> None:
+def checkpoint(setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp: str, step: int,
+               progress: dict) -> None:
+    """A resumable checkpoint at ``step``; the best step's one (train.export: best) is kept whatever its age."""
     state = setup.precision.state_dict()
+    best = held_out.exported_step(step) if held_out.export_best else None
     save_checkpoint(workdir, step, trainable=state["trainable"], optimizer_state=state["optimizer"],
-                    scheduler_state=scheduler.state_dict(), fingerprint=fp, extra=progress)
+                    scheduler_state=scheduler.state_dict(), fingerprint=fp,
+                    extra={**progress, "held_out": held_out.state_dict()}, protect=best)
+
+
+def restore_best(setup: TrainingSetup, workdir: Path, fp: str, step: int) -> None:
+    """Give the model the weights (and optimiser state: Kahan keeps the low bits of bf16 weights there) of the
+    best step's checkpoint, as resuming from it would: export then writes what a run of that many steps would."""
+    path = workdir / f"step-{step:08d}"
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise TrainingError(f"the best step's checkpoint {path} cannot be read ({err}); delete {workdir} to train "
+                            "again, or set train.export: last") from err
+    if ckpt["fingerprint"] != fp:
+        raise TrainingError(f"the best step's checkpoint {path} belongs to other settings or data; delete {workdir} "
+                            "to train again")
+    setup.precision.load_state_dict({"trainable": ckpt["trainable"], "optimizer": ckpt["optimizer"]})
 
 
 def start_log(log_path: Path, start_step: int) -> None:
@@ -443,7 +560,9 @@ def start_accelerator():
 
 
 def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, metrics_path: Path,
-          summary_path: Path, workdir: Path) -> dict:
+          summary_path: Path, workdir: Path, eval_path: Path | None = None) -> dict:
+    """Train, then export the last or the best weights. ``eval_path``: the held-out tokens that train.eval_every
+    scores (without it nothing is evaluated, and train.export: best or early stopping is an error)."""
     from tqdm.auto import tqdm
 
     extra = {k: settings[k] for k in EXTRA_SETTINGS if k in settings}
@@ -456,21 +575,21 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     # From here on: a signal while the model loads stops after the first step, with its checkpoint.
     with StopSignals() as stop:
         examples = Examples.load(train_path)
-        if len(examples) < settings["batch_size"]:
-            # Before the model loads: the batch planner would only say so after minutes of loading.
-            raise TrainingError(f"the training split {train_path} has {len(examples)} rows, fewer than one batch "
-                                f"(train.batch_size: {settings['batch_size']}); lower train.batch_size (and "
-                                "train.micro_batch_size to fit), or give more training rows (a larger data file or a "
-                                "smaller data.eval_fraction)")
-        setup = build_setup(settings, model_dir, device, precision, longest_row=int(examples.lengths.max()))
+        check_rows(settings, train_path, examples)
+        held_out_examples = load_held_out(settings, eval_path)
+        # Held-out rows pass through the same attention: the longest of either split decides (a sliding window).
+        longest_row = max(int(split.lengths.max()) for split in (examples, held_out_examples) if split is not None)
+        setup = build_setup(settings, model_dir, device, precision, longest_row=longest_row)
         planner = BatchPlanner(examples, batch_size=settings["batch_size"],
                                micro_batch_size=settings["micro_batch_size"], world_size=world, seed=settings["seed"],
                                pack=setup.packing)
         total = planned_steps(settings, planner)
         scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
             s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
-        fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json")
-        progress = resume(setup, scheduler, workdir, fp, accelerator.print)
+        held_out = HeldOut(settings, held_out_examples, total=total, setup=setup, accelerator=accelerator)
+        fp = fingerprint(settings, setup, train_path, model_dir, cache=workdir / "content-sha256.json",
+                         eval_path=eval_path if held_out.every else None)
+        progress = resume(setup, scheduler, held_out, workdir, fp, accelerator.print)
         log_path = workdir / "metrics.jsonl"
         if accelerator.is_main_process:
             start_log(log_path, progress.start)
@@ -482,6 +601,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         window = Window()
         bar = tqdm(total=total, initial=progress.start, desc="train", unit="step", dynamic_ncols=True, mininterval=5,
                    disable=not accelerator.is_main_process)
+        done = progress.start
         for step in range(progress.start, total):
             plan = planner.step(step)
             loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)
@@ -491,36 +611,76 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             progress.advance(tokens, plan.trained_tokens, elapsed=time.perf_counter() - started)
             done = step + 1
             bar.update(1)
+            evaluation = held_out.after_step(done)
             stopping = stop.stop_requested(accelerator)
-            if done % settings["log_every"] == 0 or done == total or (stopping and window.steps):
-                record = window.record(step=done, lr=scheduler.get_last_lr()[0], **progress.totals(accelerator))
+            last = done == total or held_out.stop_early
+            if done % settings["log_every"] == 0 or last or evaluation or (stopping and window.steps):
+                record = window.record(step=done, lr=scheduler.get_last_lr()[0], **progress.totals(accelerator),
+                                       **evaluation)
                 if accelerator.is_main_process:
                     append_jsonl(log_path, [record])
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{progress.trained_tokens_per_s():.0f}")
-            periodic = settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and done < total
-            if periodic or stopping:
+            periodic = settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and not last
+            if periodic or stopping or held_out.keep_best(done):
                 if accelerator.is_main_process:
-                    checkpoint(setup, scheduler, workdir, fp, done, progress.extra())
+                    checkpoint(setup, scheduler, held_out, workdir, fp, done, progress.extra())
                 accelerator.wait_for_everyone()
+            if held_out.stop_early:  # before a signal's stop: a run resumed past its early stop would train on
+                accelerator.print(f"stopping early after step {done}: {held_out.patience} held-out evaluations "
+                                  f"without a loss below {held_out.best_loss:.4f} (step {held_out.best_step})")
+                break
             if stopping:
                 bar.close()
                 raise TrainingError(f"stopped by {stop.name()} after step {done} of {total}; checkpoint written "
                                     f"to {workdir / f'step-{done:08d}'}; rerun to resume")
     bar.close()
     accelerator.wait_for_everyone()
-    setup.precision.to_fp32()
     summary = {}
     if accelerator.is_main_process:
+        if held_out.exported_step(done) != done:
+            restore_best(setup, workdir, fp, held_out.exported_step(done))
+        setup.precision.to_fp32()
         export(setup, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
-        summary = {"method": settings["method"], "steps": total, "epochs": round(total / planner.steps_per_epoch, 4),
+        summary = {"method": settings["method"], "steps": done, "epochs": round(done / planner.steps_per_epoch, 4),
                    "resumed_from_step": progress.start,
                    "processes": accelerator.num_processes, "device": str(device), "precision": precision,
-                   **setup.summary(), **progress.summary()}
+                   **held_out.summary(done), **setup.summary(), **progress.summary()}
         write_json(summary_path, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def check_rows(settings: dict, train_path: Path, examples: Examples) -> None:
+    if len(examples) < settings["batch_size"]:
+        # Before the model loads: the batch planner would only say so after minutes of loading.
+        raise TrainingError(f"the training split {train_path} has {len(examples)} rows, fewer than one batch "
+                            f"(train.batch_size: {settings['batch_size']}); lower train.batch_size (and "
+                            "train.micro_batch_size to fit), or give more training rows (a larger data file or a "
+                            "smaller data.eval_fraction)")
+
+
+def load_held_out(settings: dict, eval_path: Path | None) -> Examples | None:
+    """The held-out examples train.eval_every scores (the first train.eval_rows rows), or None where nothing
+    is evaluated; an error where train.export: best or early stopping needs them and there are none."""
+    examples = Examples.load(eval_path) if eval_path is not None and settings["eval_every"] else None
+    needs = [key for key, on in (("export: best", settings["export"] == "best"),
+                                 ("early_stopping_patience", settings["early_stopping_patience"])) if on]
+    if needs and (examples is None or not len(examples)):
+        what = f"the held-out split {eval_path} has no rows" if eval_path is not None else "no held-out tokens were given"
+        raise TrainingError(f"train.{' and train.'.join(needs)} decide by the held-out loss, but {what}; set "
+                            "data.eval_fraction above 0 (or give rows that fit tokenize.max_length), or turn them off")
+    if examples is None:
+        return None
+    if not len(examples):
+        warnings.warn(f"instructflow: the held-out split {eval_path} has no rows: no held-out loss during training",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    rows = min(settings["eval_rows"], len(examples))
+    end = int(examples.offsets[rows])
+    return Examples(examples.input_ids[:end], examples.labels[:end], examples.offsets[:rows + 1],
+                    examples.prompt_lengths[:rows], examples.row[:rows], examples.metadata)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -528,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", required=True, help="JSON string or path to a JSON file of train settings")
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--train", required=True, type=Path)
+    parser.add_argument("--eval", type=Path, help="held-out tokens scored every train.eval_every steps")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
     parser.add_argument("--summary", required=True, type=Path)
@@ -537,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = json.loads(Path(text).read_text() if not text.lstrip().startswith("{") else text)
     try:
         train(settings, model_dir=args.model, train_path=args.train, out_dir=args.out, metrics_path=args.metrics,
-              summary_path=args.summary, workdir=args.workdir)
+              summary_path=args.summary, workdir=args.workdir, eval_path=args.eval)
     except (TrainingError, CheckpointError) as err:
         print(f"instructflow train: {err}", file=sys.stderr)
         sys.exit(1)
