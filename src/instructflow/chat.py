@@ -2,14 +2,15 @@
 
     instructflow chat default                       # results/runs/default/model
     instructflow chat path/to/model --compare --base results/models/smollm2
+    instructflow chat default --system "Answer in one sentence."
 
 The conversation is rendered with the run's template by the render and tokenize code training used
 (generate.TunedModel) and each message answered greedily, the text printed as it is generated, up to the
 end-of-turn token training put after every answer. With a template that renders whole conversations (the
 chat template, or a file template with prompt_next_turn, as the bundled alpaca) the conversation is
 multi-turn, ``--system`` its system prompt; with a file template without prompt_next_turn every message
-is a fresh single instruction, as the model was trained. Ctrl-C stops the answer being generated and returns to the prompt; Ctrl-D or /exit
-ends the session, /reset forgets the conversation. ``--compare`` answers each message with the base
+is a fresh single instruction, as the model was trained. Ctrl-C stops the answer being generated and
+returns to the prompt; Ctrl-D or /exit ends the session, /reset forgets the conversation. ``--compare`` answers each message with the base
 model too, base first, each answer labelled.
 """
 
@@ -89,8 +90,7 @@ def chat(run_or_folder: str, *, template: str | None = None, max_new_tokens: int
     multi_turn = template.multi_turn
     print(f"instructflow chat: {model_name(folder)} ({folder}), template {template.description or template.name!r}: "
           + ("multi-turn, rendered as training rendered conversations (/reset forgets the conversation)" if multi_turn
-             else "it renders single instructions, so each message is a fresh single instruction (earlier turns are "
-                  "not sent)"))
+             else "no prompt_next_turn, so each message is a fresh single instruction (earlier turns are not sent)"))
     # A system prompt the template has no place for is left out, as render leaves it out of training rows.
     start = [{"role": "system", "content": system}] if system and (template.chat or template.prompt_system) else []
     if system and not start:
