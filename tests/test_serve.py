@@ -1,6 +1,6 @@
 """`instructflow serve`: a tiny model folder served on 127.0.0.1 in a subprocess, queried with the `openai`
-client: completions as the model's own greedy generate gives them (the conversation rendered with the
-chat template), streamed as Server-Sent Events, finish reasons and token counts; the models list; a bad
+client: completions as the model's own greedy generate gives them (the conversation rendered and tokenized
+as training rendered it), streamed as Server-Sent Events, finish reasons and token counts; the models list; a bad
 request's 400; the one-line errors before it serves."""
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import openai
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, training_prompt_ids
 from instructflow import cli
-from instructflow.generate import RUN_TEMPLATE
+from instructflow.generate import RUN_TEMPLATE, TunedModel
+from instructflow.serve import parse_request
 from instructflow.templates import bundled_path
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Say hello"}]
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Add the numbers."}]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,7 @@ def reference(chat_model):
 
     model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
-    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([training_prompt_ids(chat_model, "chat", CONVERSATION)])  # as training rendered it
 
     def answer(max_new_tokens: int):
         with torch.inference_mode():
@@ -120,7 +120,7 @@ def test_streaming_sends_the_same_answer_in_chunks(client, reference, server):
 
 
 def test_a_client_that_goes_away_stops_its_answer(client, server):
-    # This conversation's answer runs 2658 tokens to EOS; the client reads five chunks and closes.
+    # This conversation's answer runs more than 400 tokens; the client reads five chunks and closes.
     hello = CONVERSATION[:-1] + [{"role": "user", "content": "Hello"}]
     stream = client.chat.completions.create(model="any", messages=hello, max_tokens=3000, temperature=0, stream=True)
     for _, _ in zip(range(5), stream):
@@ -146,6 +146,19 @@ def test_bad_requests_get_a_400_with_an_error_object(client, server):
         urllib.request.urlopen(request, timeout=60)
     assert caught.value.code == 400
     assert json.loads(caught.value.read())["error"]["message"].startswith("the request body is not JSON")
+
+
+def test_a_file_template_with_next_turn_prompts_renders_the_conversation_as_training(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    shutil.copy(bundled_path("alpaca"), folder / RUN_TEMPLATE)
+    # As a client sends it: content as OpenAI's text parts too.
+    body = {"model": "any", "messages": [*CONVERSATION[:3], {"role": "user", "content": [
+        {"type": "text", "text": "Add the "}, {"type": "text", "text": "numbers."}]}]}
+    ids = TunedModel(folder).prompt_ids(parse_request(body, 16)["messages"])
+    assert ids == training_prompt_ids(folder, "alpaca", CONVERSATION)
+    with pytest.raises(ValueError, match="must end with the user's message"):
+        TunedModel(folder).prompt_ids(parse_request({"messages": CONVERSATION[:3]}, 16)["messages"])
 
 
 def test_clear_errors_before_serving(chat_model, tmp_path, monkeypatch, capsys):

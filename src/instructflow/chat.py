@@ -2,12 +2,15 @@
 
     instructflow chat default                       # results/runs/default/model
     instructflow chat path/to/model --compare --base results/models/smollm2
+    instructflow chat default --system "Answer in one sentence."
 
-Each message is rendered with the run's template (generate.TunedModel, the render code training used)
-and answered greedily, the text printed as it is generated. With a chat template the conversation is
-multi-turn; with a file (Alpaca-like) template every message is a fresh single instruction, as the
-model was trained. Ctrl-C stops the answer being generated and returns to the prompt; Ctrl-D or /exit
-ends the session, /reset forgets the conversation. ``--compare`` answers each message with the base
+The conversation is rendered with the run's template by the render and tokenize code training used
+(generate.TunedModel) and each message answered greedily, the text printed as it is generated, up to the
+end-of-turn token training put after every answer. With a template that renders whole conversations (the
+chat template, or a file template with prompt_next_turn, as the bundled alpaca) the conversation is
+multi-turn, ``--system`` its system prompt; with a file template without prompt_next_turn every message
+is a fresh single instruction, as the model was trained. Ctrl-C stops the answer being generated and
+returns to the prompt; Ctrl-D or /exit ends the session, /reset forgets the conversation. ``--compare`` answers each message with the base
 model too, base first, each answer labelled.
 """
 
@@ -72,7 +75,7 @@ def reply(model: TunedModel, history: list[dict], max_new_tokens: int, interrupt
 
 
 def chat(run_or_folder: str, *, template: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-         compare: bool = False, base: str | None = None) -> None:
+         compare: bool = False, base: str | None = None, system: str | None = None) -> None:
     folder = resolve_model(run_or_folder)
     base_dir = base_folder(base) if compare else None
     tuned = TunedModel(folder, template)
@@ -83,12 +86,17 @@ def chat(run_or_folder: str, *, template: str | None = None, max_new_tokens: int
         import readline  # noqa: F401 - line editing and history in input()
     except ImportError:
         pass
-    multi_turn = tuned.template.chat
-    print(f"instructflow chat: {model_name(folder)} ({folder}), template {tuned.template.description or tuned.template.name!r}: "
-          + ("multi-turn (/reset forgets the conversation)" if multi_turn else
-             "not a chat template, so each message is a fresh single instruction (earlier turns are not sent)"))
+    template = tuned.template
+    multi_turn = template.multi_turn
+    print(f"instructflow chat: {model_name(folder)} ({folder}), template {template.description or template.name!r}: "
+          + ("multi-turn, rendered as training rendered conversations (/reset forgets the conversation)" if multi_turn
+             else "no prompt_next_turn, so each message is a fresh single instruction (earlier turns are not sent)"))
+    # A system prompt the template has no place for is left out, as render leaves it out of training rows.
+    start = [{"role": "system", "content": system}] if system and (template.chat or template.prompt_system) else []
+    if system and not start:
+        print(f"(template {template.name!r} has no prompt_system: the system prompt is left out, as in training)")
     print("Ctrl-C stops an answer; Ctrl-D or /exit ends.")
-    histories = {name: [] for name in models}
+    histories = {name: list(start) for name in models}
     interrupts = Interrupts()
     while True:
         try:
@@ -102,7 +110,7 @@ def chat(run_or_folder: str, *, template: str | None = None, max_new_tokens: int
         if message.strip() == "/exit":
             return
         if message.strip() == "/reset":
-            histories = {name: [] for name in models}
+            histories = {name: list(start) for name in models}
             print("(conversation forgotten)")
             continue
         if not message.strip():

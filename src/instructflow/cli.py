@@ -100,7 +100,7 @@ def cmd_chat(a):
     from .chat import chat
 
     given = {"max_new_tokens": a.max_new_tokens} if a.max_new_tokens is not None else {}
-    chat(a.model, template=a.template, compare=a.compare, base=a.base, **given)
+    chat(a.model, template=a.template, compare=a.compare, base=a.base, system=a.system, **given)
 
 
 def cmd_serve(a):
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "chat":
             p.add_argument("--compare", action="store_true", help="answer with the base model too, then the tuned one")
             p.add_argument("--base", help="the base model for --compare (default: the only folder in results/models)")
+            p.add_argument("--system", help="a system prompt that starts the conversation (where the template has "
+                                            "a place for one: the chat template, a file template's prompt_system)")
         else:
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=8000, help="0 picks a free port")

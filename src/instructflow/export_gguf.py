@@ -129,9 +129,11 @@ _JINJA = re.compile(r"\{[{%#]|[}%#]\}")
 
 
 def run_chat_template(model_dir: Path) -> str | None:
-    """The chat template for a model trained with a prompt template file: each user turn rendered as the
-    template's prompt (without input), each assistant turn as its response and EOS, as in training. None
-    for a folder without one or trained with ``template: chat`` (the tokenizer's template stays)."""
+    """The chat template for a model trained with a prompt template file, in Jinja, so a chat prompts the model as
+    training rendered its rows: a template with prompt_next_turn as training renders a conversation
+    (templates.render_conversation: _conversation_jinja); one without, each user turn as the template's prompt
+    (without input), each assistant turn as its response and EOS. None for a folder without one or trained with
+    ``template: chat`` (the tokenizer's template stays)."""
     from .templates import load_template
 
     path = model_dir / RUN_TEMPLATE
@@ -140,6 +142,8 @@ def run_chat_template(model_dir: Path) -> str | None:
     template = load_template(path)
     if template.chat:
         return None
+    if template.prompt_next_turn:
+        return _conversation_jinja(template)
     if _JINJA.search(template.prompt_no_input + template.response):
         raise ExportError(f"{path}: the prompt holds Jinja delimiters ({{{{, {{%, {{# or their ends), so it "
                           "cannot be written as a chat template; remove them from the template")
@@ -149,6 +153,63 @@ def run_chat_template(model_dir: Path) -> str | None:
             f"{{% if message['role'] == 'user' %}}{user}"
             f"{{% elif message['role'] == 'assistant' %}}{assistant}{{{{ eos_token }}}}"
             "{% endif %}{% endfor %}")
+
+
+def _jinja_text(text: str, values: dict[str, str]) -> str:
+    """A template text as one Jinja expression: its literal pieces as string literals (so whitespace control and
+    Jinja syntax in the text cannot touch them), each placeholder as the Jinja expression ``values`` gives it,
+    one pass, as templates.fill replaces them ({system} where ``values`` has no place for it stays as written)."""
+    from .templates import _PLACEHOLDER
+
+    def literal(piece: str) -> str:
+        escaped = piece.translate({ord("\\"): "\\\\", ord("'"): "\\'", ord("\n"): "\\n", ord("\r"): "\\r",
+                                   ord("\t"): "\\t"})
+        return f"'{escaped}'"
+
+    parts, cursor = [], 0
+    for match in _PLACEHOLDER.finditer(text):
+        if match.group(1) not in values:
+            continue
+        parts += [literal(text[cursor:match.start()]), values[match.group(1)]]
+        cursor = match.end()
+    parts.append(literal(text[cursor:]))
+    return "{{ " + " + ".join(parts) + " }}"
+
+
+def _conversation_jinja(template) -> str:
+    """A file template with prompt_next_turn as a chat template that renders a conversation as training does
+    (templates._file_segments): the user turns before an assistant turn (roles other than system and assistant)
+    joined by a blank line are its {instruction}; the first exchange's prompt is prompt_system where the
+    conversation starts with a system turn and the template has prompt_system, else prompt_no_input; every later
+    exchange's is prompt_next_turn; each assistant turn is the response, followed by EOS where it has content
+    (an empty one is context, as in training); other system turns are left out. The generation prompt is the
+    prompt of the exchange the pending user turns start."""
+    def prompt(output: str) -> str:
+        values = {"instruction": "ns.users", "input": "''", "output": output}  # as training fills them
+        first = _jinja_text(template.prompt_no_input, values)
+        if template.prompt_system:
+            first = (f"{{%- if ns.system is not none -%}}{_jinja_text(template.prompt_system, {**values, 'system': 'ns.system'})}"
+                     f"{{%- else -%}}{first}{{%- endif -%}}")
+        return (f"{{%- if ns.started -%}}{_jinja_text(template.prompt_next_turn, values)}"
+                f"{{%- else -%}}{first}{{%- endif -%}}")
+
+    content, nothing = "message['content']", "''"
+    response = _jinja_text(template.response, {"instruction": "ns.users", "input": nothing, "output": content})
+    system = "loop.first" if template.prompt_system else "false"
+    return ("{%- set ns = namespace(system=none, users='', pending=false, started=false) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'system' -%}"
+            f"{{%- if {system} -%}}{{%- set ns.system = message['content'] -%}}{{%- endif -%}}"
+            "{%- elif message['role'] != 'assistant' -%}"
+            "{%- set ns.users = ns.users + '\\n\\n' + message['content'] if ns.pending else message['content'] -%}"
+            "{%- set ns.pending = true -%}"
+            "{%- else -%}"
+            f"{prompt(content)}{response}"
+            "{%- if message['content'] -%}{{ eos_token }}{%- endif -%}"
+            "{%- set ns.started = true -%}{%- set ns.users = '' -%}{%- set ns.pending = false -%}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{prompt(nothing)}{{%- endif -%}}")
 
 
 def requantize(src: Path, out: Path, gguf_type: str) -> None:

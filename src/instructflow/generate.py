@@ -6,13 +6,15 @@ The input is any file the clean stage reads (CSV/TSV, JSON, JSONL, Parquet) with
 and optionally an input column, found by the names clean finds them by. Each prompt is rendered with
 the template the model was trained with (an exported run folder holds it as instructflow_template.yaml)
 or the one --template names, tokenized as the tokenize stage does, and answered greedily in
-length-sorted, left-padded batches with the KV cache (the evaluate stage's `generate`). The output holds
+length-sorted, left-padded batches with the KV cache (the evaluate stage's `generate`), each answer up to
+EOS or, with the chat template, its end-of-turn token (as evaluate stops). The output holds
 one JSON object per input row, in input order: row, instruction, input, output (the answer),
 stopped_with_eos and generated_tokens.
 
 It also holds what `instructflow chat` and `instructflow serve` share: finding a run's model folder
 (`resolve_model`) and `TunedModel`, a model with its tokenizer and template that renders a conversation
-as training rendered rows and streams one answer.
+as training rendered conversations (templates.render_to_answer, tokenization.prompt_ids) and streams one
+answer.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .clean import AUTO_COLUMNS, CleanError, read_table
 from .config import defaults
 from .io import atomic_path
 from .render import render_prompts
-from .templates import Template, TemplateError, load_template, render_row
+from .templates import Template, TemplateError, chat_markers, load_template, render_row, render_to_answer
 
 DEFAULTS = defaults("evaluate")
 MAX_NEW_TOKENS = 256  # longer than evaluation's cap (evaluate.max_new_tokens): these answers are read, not scored
@@ -73,7 +75,7 @@ def generate_file(model_dir: str | Path, input_path: str | Path, out_path: str |
     model, tokenizer = load_model(model_dir)
     prompts = render_prompts(rows, chosen, tokenizer=tokenizer)["prompt"].tolist()
     ids = encode(tokenizer, chosen, prompts) if prompts else []
-    eos, pad = stop_tokens(model, tokenizer)
+    eos, pad = stop_tokens(model, tokenizer, chosen)
     answers, _ = generate(model, [torch.tensor(i) for i in ids], eos_token_ids=eos, pad_token_id=pad,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
     records = [{"row": int(r.row), "instruction": r.instruction, "input": r.input,
@@ -96,11 +98,19 @@ def encode(tokenizer, template: Template, prompts: list[str]) -> list[list[int]]
     return tokenizer(prompts, add_special_tokens=not template.chat)["input_ids"]
 
 
-def stop_tokens(model, tokenizer) -> tuple[list[int], int]:
-    """The token ids that end an answer (the tokenizer's EOS and the model's configured ones) and the pad id."""
+def stop_tokens(model, tokenizer, template: Template) -> tuple[list[int], int]:
+    """The token ids that end an answer (the tokenizer's EOS, the model's configured ones and, with the chat
+    template, its end-of-turn token) and the pad id."""
     from .evaluate import eos_ids
+    from .tokenization import end_of_turn_id
 
     eos = eos_ids(tokenizer.eos_token_id, model)
+    # Training put the chat template's end-of-turn token (SmolLM2's "<|im_end|>") after every answer, where it
+    # is not EOS: the model ends its answers with it, and evaluate stops there too. The run folder's tokenizer
+    # and template give the token render found.
+    end = chat_markers(tokenizer).end_of_turn if template.chat else ""
+    if end:
+        eos = list(dict.fromkeys([*eos, end_of_turn_id(tokenizer, end)]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return eos, int(pad)
 
@@ -164,23 +174,28 @@ class TunedModel:
                                  f"in {self.folder} has none; give --template alpaca (or the template file the "
                                  "model was trained with)")
         self.model, self.tokenizer = load_model(self.folder)
-        self.eos, self.pad = stop_tokens(self.model, self.tokenizer)
+        self.markers = chat_markers(self.tokenizer) if self.template.chat else None
+        self.eos, self.pad = stop_tokens(self.model, self.tokenizer, self.template)
         # Beyond a learned position table a prompt fails; rotary positions run on (as tokenize's check).
         self.limit = position_limit(self.model.config) if positions_are_hard(self.model.config) else None
         self.lock = threading.Lock()  # one generation at a time
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """A conversation (OpenAI-style role/content dicts) rendered as training rendered a row: with a chat
-        template every turn; with a file template only the last user message, as the instruction."""
-        if self.template.chat:
-            # render_row renders a training row's turns but its last (the trained answer): add an empty one.
-            turns = json.dumps(list(messages) + [{"role": "assistant", "content": ""}], ensure_ascii=False)
-            prompt, _ = render_row(self.template, "", "", "", messages=turns, tokenizer=self.tokenizer)
-        else:
-            users = [m["content"] for m in messages if m["role"] == "user"]
-            if not users:
-                raise ValueError("there is no user message to answer")
-            prompt, _ = render_row(self.template, users[-1], "", "")
+        """A conversation (OpenAI-style role/content dicts, ending with the user's message) as the model saw
+        conversations in training: where the template renders whole conversations (the chat template, or a file
+        template with prompt_next_turn) every turn, rendered and tokenized by render's and tokenize's own code
+        (the end-of-turn token after each earlier answer; system turns the template has no place for left out,
+        as render leaves them out); else only the last user message, as the instruction of an Alpaca row."""
+        from .tokenization import prompt_ids
+
+        if self.template.multi_turn:
+            segments, _ = render_to_answer(self.template, messages, self.tokenizer, self.markers)
+            return prompt_ids(segments, self.tokenizer, end_of_turn=self.markers.end_of_turn if self.markers else "",
+                              has_special_tokens=self.template.chat)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            raise ValueError("there is no user message to answer")
+        prompt, _ = render_row(self.template, users[-1], "", "")
         return encode(self.tokenizer, self.template, [prompt])[0]
 
     def answer(self, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

@@ -5,10 +5,12 @@
 
 ``POST /v1/chat/completions`` (``stream`` true or false: Server-Sent Events ``data: {...}`` chunks ending
 with ``data: [DONE]``, as OpenAI's API sends them) and ``GET /v1/models``. The messages are rendered
-with the run's template (generate.TunedModel, the render code training used): with a chat template the
-whole conversation, system turns included; with a file (Alpaca-like) template only the last user
-message, as the instruction, since that is all such a model was trained on (system and earlier turns
-are left out). ``max_tokens`` (or ``max_completion_tokens``; default --max-new-tokens), ``temperature``
+with the run's template by the render and tokenize code training used (generate.TunedModel): where the
+template renders whole conversations (the chat template, or a file template with prompt_next_turn, as the
+bundled alpaca) the whole conversation, ending with the user's message, exactly as training rendered one
+(a system turn where the template has a place for it); with a file template without prompt_next_turn only
+the last user message, as the instruction, since that is all such a model was trained on. The answer stops
+at the end-of-turn token training put after every answer (the chat template's own, else EOS). ``max_tokens`` (or ``max_completion_tokens``; default --max-new-tokens), ``temperature``
 (0: greedy; default 1, as OpenAI's) and ``top_p`` are honoured; ``model`` is not checked, one model is
 served; other fields are ignored. Requests are answered one at a time. The standard library's
 ThreadingHTTPServer, no authentication: for a local machine, not the internet.

@@ -253,6 +253,23 @@ def render_conversation(template: Template, turns: list[dict], tokenizer=None,
     return _file_segments(template, turns)
 
 
+# Where a conversation awaits the assistant's answer, this stands in for it: the model's prompt is the rendered
+# conversation before it, as evaluation's prompt is the text before a row's last assistant turn.
+_AWAITED_ANSWER = _PROBE[1]
+
+
+def render_to_answer(template: Template, messages: list[dict], tokenizer=None,
+                     markers: ChatMarkers | None = None) -> tuple[list[Segment], int]:
+    """A conversation that awaits the assistant's answer (it ends with a user turn), rendered as training renders
+    one (render_conversation) with a stand-in for that answer as its last assistant turn; the prompt is every
+    segment before it (tokenization.prompt_ids builds its ids as tokenize does). Also the turns the template
+    leaves out, as in training. For templates that render whole conversations (``template.multi_turn``)."""
+    if not messages or messages[-1]["role"] in ("system", "assistant"):
+        raise TemplateError("the conversation must end with the user's message, the one to answer")
+    return render_conversation(template, [*messages, {"role": "assistant", "content": _AWAITED_ANSWER}],
+                               tokenizer, markers)
+
+
 def _require_chat_template(tokenizer) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template 'chat' needs a tokenizer with a chat template; this model has none, "

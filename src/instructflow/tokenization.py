@@ -63,17 +63,22 @@ def _labelled(segments: list[dict], split: str, train_on: str) -> list[int]:
     return turns if split == "train" and train_on == "all_assistant_turns" else turns[-1:]
 
 
+def end_of_turn_id(tokenizer, token: str) -> int:
+    """The id of the token after an assistant turn: the chat template's own ``token`` (render found it), else EOS."""
+    if not token:
+        return _eos_id(tokenizer)
+    encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(encoded) != 1:
+        raise AuditError(f"the chat template's end-of-turn token {token!r} is {len(encoded)} tokens for this "
+                         "tokenizer, not one: render and tokenize used different tokenizers; rerun render")
+    return encoded[0]
+
+
 def _end_of_turn_ids(prompts: pd.DataFrame, tokenizer, eos: int) -> list[int]:
     """Per row: the token after an assistant turn, the chat template's own (render found it), else EOS."""
     if "end_of_turn" not in prompts:
         return [eos] * len(prompts)
-    ids = {}
-    for token in set(prompts["end_of_turn"]) - {""}:
-        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(encoded) != 1:
-            raise AuditError(f"the chat template's end-of-turn token {token!r} is {len(encoded)} tokens for this "
-                             "tokenizer, not one: render and tokenize used different tokenizers; rerun render")
-        ids[token] = encoded[0]
+    ids = {token: end_of_turn_id(tokenizer, token) for token in set(prompts["end_of_turn"]) - {""}}
     return [ids[t] if t else eos for t in prompts["end_of_turn"]]
 
 
@@ -85,13 +90,7 @@ def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int,
         raise ValueError(f"tokenize.train_on must be one of {TRAIN_ON}, got {train_on!r}")
     eos = _eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    # Batched calls go through the Rust tokenizer in parallel: the slow part of preprocessing.
-    # (A fast tokenizer fails on an empty batch, hence the guard.)
-    def encode(texts, special: bool) -> list:
-        if not len(texts):
-            return []
-        return tokenizer(list(texts), add_special_tokens=special, return_attention_mask=False)["input_ids"]
-
+    encode = _encoder(tokenizer)
     conversations = _conversations(prompts)
     plain = np.array([c is None for c in conversations], dtype=bool)
     has_special = (prompts["prompt_has_special_tokens"].to_numpy(dtype=bool) if "prompt_has_special_tokens" in prompts
@@ -158,6 +157,27 @@ def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int,
     if not plain.all():
         audit["train_on"] = train_on
     return TokenizeResult(splits, rejected_df, audit)
+
+
+def _encoder(tokenizer):
+    """encode(texts, special): the texts' token ids, with the tokenizer's special tokens or without. Batched
+    calls go through the Rust tokenizer in parallel: the slow part of preprocessing. (A fast tokenizer fails
+    on an empty batch, hence the guard.)"""
+    def encode(texts, special: bool) -> list:
+        if not len(texts):
+            return []
+        return tokenizer(list(texts), add_special_tokens=special, return_attention_mask=False)["input_ids"]
+
+    return encode
+
+
+def prompt_ids(segments: list[dict], tokenizer, *, end_of_turn: str, has_special_tokens: bool) -> list[int]:
+    """The token ids of a rendered conversation before its last assistant turn, built as tokenize_prompts builds a
+    row's (the prompt evaluation generates from): what chat and serve send the model (templates.render_to_answer).
+    ``end_of_turn``: render's end_of_turn ("" for EOS); ``has_special_tokens``: render's prompt_has_special_tokens."""
+    [ids_per_segment] = _encode_segments([segments], np.array([has_special_tokens]), _encoder(tokenizer))
+    ids, _, prompt_length, _ = _assemble(segments, ids_per_segment, end_of_turn_id(tokenizer, end_of_turn), [])
+    return ids[:prompt_length]
 
 
 def _encode_segments(conversations: list, has_special: np.ndarray, encode) -> list[list | None]:
