@@ -2,7 +2,7 @@
 #
 # Results layout (one helper per path in workflow/rules/common.smk):
 #   results/models/{model}/                       base model as a plain HF folder (prepare_model)
-#   results/data/clean.parquet, rejected.parquet, clean_report.json             (clean)
+#   results/data/clean.parquet, rejected.parquet, clean_report.json             (clean; every data source)
 #   results/prompts/{model}/{template}.parquet                                   (render)
 #   results/tokens/{model}/{template}/{train,eval}.safetensors, audit.json       (tokenize)
 #   results/base_eval/{model}/{template}/metrics.json                            (evaluate_base)

@@ -85,7 +85,8 @@ def defaults(section: str) -> dict:
 
 
 def _key(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
+    """A config key as written in messages: ``data.sources[1].weight`` (list items by their 0-based index)."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
 
 
 def validate(config: dict, schema: dict | None = None) -> dict:
@@ -272,10 +273,33 @@ def template_digest(path: str | Path) -> str:
         raise ConfigError(f"config key template: cannot read {str(path)!r}: {err}") from None
 
 
+def normalise_data(config: dict) -> dict:
+    """data.sources as the list the stages read, also for the one-file form: each source {"name", "path",
+    "columns", "weight", "config_key"} (config_key: the section that names it, for messages: ``data`` for
+    data.path, ``data.sources[i]`` for a listed file). A non-empty data.sources replaces data.path and
+    data.columns: Snakemake merges a --configfile over config/config.yaml, whose data.path stays set."""
+    data = config["data"]
+    if data["sources"]:
+        sources = [{"name": source.get("name") or Path(source["path"]).stem, **source,
+                    "config_key": f"data.sources[{i}]"} for i, source in enumerate(data["sources"])]
+    else:
+        sources = [{"name": Path(data["path"]).stem, "path": data["path"], "columns": data["columns"], "weight": 1,
+                    "config_key": "data"}]
+    names: dict[str, str] = {}
+    for source in sources:
+        other = names.setdefault(source["name"], source["config_key"])
+        if other != source["config_key"]:
+            raise ConfigError(f"config key {source['config_key']}.name: {other} is also named {source['name']!r} "
+                              f"(a source's name is its file's stem unless set); give one of them a name")
+    data["sources"] = sources
+    return config
+
+
 def check_inputs(config: dict, workdir: Path = Path(".")) -> None:
-    data = workdir / config["data"]["path"]
-    if not data.is_file():
-        raise ConfigError(f"config key data.path: file {config['data']['path']!r} not found (from {workdir.resolve()})")
+    for source in config["data"]["sources"]:
+        if not (workdir / source["path"]).is_file():
+            raise ConfigError(f"config key {source['config_key']}.path: file {source['path']!r} not found "
+                              f"(from {workdir.resolve()})")
     for name, test_set in config["evaluate"]["test_sets"].items():
         if not (workdir / test_set["path"]).is_file():
             raise ConfigError(f"config key evaluate.test_sets.{name}.path: test set {name!r}: file {test_set['path']!r} "
@@ -291,6 +315,6 @@ def normalise_test_sets(config: dict) -> dict:
 
 
 def load(config: dict, workdir: Path = Path(".")) -> tuple[dict, dict[str, dict]]:
-    config = normalise_test_sets(validate(config))
+    config = normalise_data(normalise_test_sets(validate(config)))
     check_inputs(config, workdir)
     return config, resolve_runs(config, workdir)

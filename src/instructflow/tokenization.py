@@ -9,11 +9,13 @@ batch time, never by token id).
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .config import ConfigError, defaults
 from .examples import IGNORE_INDEX, Examples
@@ -88,12 +90,26 @@ def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int,
     splits = {name: Examples.from_rows(rows, row_ids, plens, metadata) for name, (rows, plens, row_ids) in per_split.items()}
     for name in ("train", "eval"):
         splits.setdefault(name, Examples.from_rows([], [], [], metadata))
+    _record_sources(splits, prompts)
     rejected_df = pd.DataFrame(rejected, columns=["row", "split", "reason", "detail"])
     audit = audit_examples(splits, prompts, tokenizer, dict(zip(prompts["row"].tolist(), response_ids)))
     audit.update({"rows_in": int(len(prompts)), "rows_kept": int(sum(len(e) for e in splits.values())),
                   "rows_rejected": int(len(rejected_df)), "rows_truncated": truncated,
                   "max_length": max_length, "truncation": truncation})
     return TokenizeResult(splits, rejected_df, audit)
+
+
+def _record_sources(splits: dict[str, Examples], prompts: pd.DataFrame) -> None:
+    """Each row's source (the clean stage's ``source`` column) as an index into the metadata's
+    ``sources`` (names in order of first appearance, which is data.sources' order), for training's
+    per-source weights. Prompts without the column (made by hand) leave every row in source 0, unnamed."""
+    if "source" not in prompts:
+        return
+    index = {name: i for i, name in enumerate(dict.fromkeys(prompts["source"].tolist()))}
+    index_of_row = dict(zip(prompts["row"].tolist(), (index[n] for n in prompts["source"])))
+    for examples in splits.values():
+        examples.source = torch.tensor([index_of_row[r] for r in examples.row.tolist()], dtype=torch.int64)
+        examples.metadata["sources"] = json.dumps(list(index))
 
 
 def audit_examples(splits: dict[str, Examples], prompts: pd.DataFrame, tokenizer,

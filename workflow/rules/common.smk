@@ -27,6 +27,8 @@ MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
 # evaluate.test_sets: name -> {"path", "columns"}; the evaluate stage's own options are the other keys.
 TEST_SETS = CONFIG["evaluate"]["test_sets"]
 EVALUATE_OPTIONS = {k: v for k, v in CONFIG["evaluate"].items() if k != "test_sets"}
+# data.sources: [{"name", "path", "columns", "weight", "config_key"}], one entry for the one-file data.path.
+DATA_SOURCES = CONFIG["data"]["sources"]
 
 
 wildcard_constraints:
@@ -61,10 +63,18 @@ def from_run(pattern):
 
 def get_train_settings(wildcards):
     """Everything that changes the trained weights, as one JSON string: a tracked param, so editing
-    any training setting of a run reruns that run's train, evaluate and report only."""
+    any training setting of a run (the sources' weights among them) reruns that run's train, evaluate
+    and report only."""
     r = RUNS[wildcards.run]
     return shlex.quote(json.dumps({**r["train"], "template_path": r["template_path"],
-                                   "trust_remote_code": r["model"]["trust_remote_code"]}, sort_keys=True))
+                                   "trust_remote_code": r["model"]["trust_remote_code"],
+                                   "source_weights": {s["name"]: s["weight"] for s in DATA_SOURCES}}, sort_keys=True))
+
+
+def sources_for_clean(sources):
+    """The sources as the clean stage reads them: without their weights, which only training uses (so a
+    new weight never reruns clean)."""
+    return [{k: v for k, v in source.items() if k != "weight"} for source in sources]
 
 
 def get_run_template(wildcards):

@@ -12,18 +12,21 @@ rule clean:
             category="Data",
         ),
     input:
-        data=CONFIG["data"]["path"],
+        data=[source["path"] for source in DATA_SOURCES],
         code=code_inputs("clean"),
     params:
         options=json_option(
-            {k: CONFIG["data"][k] for k in ("columns", "placeholders", "max_chars", "eval_fraction")}
+            {
+                **{k: CONFIG["data"][k] for k in ("placeholders", "max_chars", "eval_fraction")},
+                "sources": sources_for_clean(DATA_SOURCES),
+            }
         ),
     log:
         "logs/clean.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow clean --data {input.data:q} --clean {output.clean:q} --rejected {output.rejected:q}"
+        "python -m instructflow clean --clean {output.clean:q} --rejected {output.rejected:q}"
         " --report {output.report:q} --options {params.options} > {log:q} 2>&1"
 
 
@@ -88,9 +91,9 @@ use rule clean as clean_test_set with:
     params:
         options=lambda wc: json_option({
             **{k: CONFIG["data"][k] for k in ("placeholders", "max_chars")},
-            "columns": TEST_SETS[wc.testset]["columns"],
+            "sources": [{"name": wc.testset, "path": TEST_SETS[wc.testset]["path"],
+                         "columns": TEST_SETS[wc.testset]["columns"], "config_key": f"evaluate.test_sets.{wc.testset}"}],
             "eval_fraction": 1.0,
-            "config_key": f"evaluate.test_sets.{wc.testset}",
         }),
     priority: 50
     log:
