@@ -1,6 +1,7 @@
 """Several data sources (data.sources): the config's list form, cleaning each file on its own into one
 table (per-source counts, rejects naming source and row, duplicates across sources), the token cache
-carrying each row's source, the weighted batch plan, and one tiny workflow run of two sources."""
+carrying each row's source, the weighted batch plan, a run's own data (runs.NAME.data, keyed so runs with
+equal data share the stages before training), and one tiny workflow run of two sources."""
 
 from __future__ import annotations
 
@@ -77,6 +78,51 @@ def test_source_mistakes_stop_before_any_work_naming_the_key(workdir, data, mess
     (workdir / "sub" / "alpaca.csv").write_text(ALPACA)
     with pytest.raises(ConfigError, match=message):
         load({"data": data}, workdir)
+
+
+# ------------------------------------------------------------------------------------------ a run's own data
+
+def test_runs_with_equal_data_share_a_data_key(workdir):
+    config, runs = load({"data": {"path": "alpaca.csv"}, "runs": {
+        "base": {}, "same": {"data": {"path": "alpaca.csv"}, "train": {"seed": 1}},
+        "qa": {"data": {"path": "qa.jsonl", "columns": {"instruction": "question", "output": "answer"}}},
+        "qa_weighted": {"data": {"sources": [{"path": "qa.jsonl", "columns": {"instruction": "question",
+                                                                             "output": "answer"}, "weight": 3}]}},
+        "strict": {"data": {"max_chars": 100}},
+    }}, workdir)
+    assert {name: run["data_key"] for name, run in runs.items()} == {
+        "base": "default", "same": "default", "qa": "qa", "qa_weighted": "qa", "strict": "strict"}
+    assert runs["base"]["data"] is config["data"]
+    assert runs["qa"]["data"]["sources"] == [{"name": "qa", "path": "qa.jsonl", "weight": 1, "config_key": "runs.qa.data",
+                                              "columns": {"instruction": "question", "output": "answer"}}]
+    assert runs["qa_weighted"]["data"]["sources"][0]["weight"] == 3  # a training setting: same key as qa
+    assert runs["strict"]["data"]["sources"] == config["data"]["sources"] and runs["strict"]["data"]["max_chars"] == 100
+    assert runs["qa"]["data"]["eval_fraction"] == config["data"]["eval_fraction"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"path": "missing.csv"}, r"^config key runs\.x\.data\.path: file 'missing.csv' not found"),
+    ({"sources": [{"path": "qa.jsonl", "weight": -2}]}, r"^config key runs\.x\.data\.sources\[0\]\.weight: -2 is less"),
+    ({"colums": {}}, r"^config key runs\.x\.data\.colums: unknown key"),
+    ({"columns": {"output": "answer"}}, r"^config key runs\.x\.data\.columns: give it with runs\.x\.data\.path"),
+])
+def test_a_runs_data_mistakes_name_the_run(workdir, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load({"data": {"path": "alpaca.csv"}, "runs": {"x": {"data": data}}}, workdir)
+
+
+def test_only_the_data_runs_train_on_must_exist(workdir):
+    _, runs = load({"data": {"path": "gone.csv"}, "runs": {"qa": {"data": {"path": "qa.jsonl"}}}}, workdir)
+    assert runs["qa"]["data_key"] == "qa"
+    with pytest.raises(ConfigError, match=r"^config key data\.path: file 'gone.csv' not found"):
+        load({"data": {"path": "gone.csv"}, "runs": {"qa": {"data": {"path": "qa.jsonl"}}, "plain": {}}}, workdir)
+
+
+def test_a_run_named_default_with_other_data_beside_runs_on_data_is_refused(workdir):
+    runs = {"default": {"data": {"path": "qa.jsonl"}}}
+    assert load({"data": {"path": "alpaca.csv"}, "runs": runs}, workdir)[1]["default"]["data_key"] == "default"
+    with pytest.raises(ConfigError, match=r"^config key runs\.default\.data: .* rename the run"):
+        load({"data": {"path": "alpaca.csv"}, "runs": {"other": {}, **runs}}, workdir)
 
 
 # ------------------------------------------------------------------------------------------ clean
@@ -251,10 +297,10 @@ def test_workflow_trains_on_two_weighted_sources_and_a_new_weight_reruns_trainin
 
     write_config(2)
     snakemake(code, work, timeout=900)
-    report = json.loads((work / "results" / "data" / "clean_report.json").read_text())
+    report = json.loads((work / "results" / "data" / "default" / "clean_report.json").read_text())
     assert report["sources"]["arith"]["rows_in"] == 60 and report["sources"]["qa"]["rows_in"] == 41
     assert report["sources"]["qa"]["rejected_by_reason"].get("duplicate") == 1
-    rejected = pd.read_parquet(work / "results" / "data" / "rejected.parquet")
+    rejected = pd.read_parquet(work / "results" / "data" / "default" / "rejected.parquet")
     assert "duplicate of row 1 of source 'arith'" in rejected.loc[rejected["source"] == "qa", "detail"].tolist()
     summary = json.loads((work / "results" / "runs" / "default" / "train" / "summary.json").read_text())
     arith, qa_plan = summary["sources"]["arith"], summary["sources"]["qa"]
@@ -267,3 +313,16 @@ def test_workflow_trains_on_two_weighted_sources_and_a_new_weight_reruns_trainin
     write_config(0.5)
     rules = {rule for rule, _ in planned_jobs(code, work)}
     assert rules == {"train", "evaluate", "compare", "report"}, rules
+
+    # Runs on their own data: one more clean, render and tokenize for the two runs that share it, none for
+    # the run on data's (already done); each run trains on its own data's tokens.
+    write_config(2)  # back to the weight the default run was trained with
+    config = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    qa_only = {"path": "data/qa.jsonl", "columns": {"instruction": "question", "output": "answer"}}
+    config["runs"] = {"default": {}, "qa": {"data": qa_only}, "qa_lr": {"data": qa_only, "train": {"learning_rate": 0.001}}}
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(code, work)
+    before_training = {(rule, output) for rule, output in jobs if rule in ("clean", "render", "tokenize", "evaluate_base")}
+    assert {rule for rule, _ in before_training} == {"clean", "render", "tokenize", "evaluate_base"}
+    assert all("/qa/" in output for _, output in before_training) and len(before_training) == 4, before_training
+    assert {output.split("/")[2] for rule, output in jobs if rule == "train"} == {"qa", "qa_lr"}

@@ -13,7 +13,7 @@ rule train:
         summary="results/runs/{run}/train/summary.json",
     input:
         model=from_run("results/models/{model}"),
-        train=from_run("results/tokens/{model}/{template}/train.safetensors"),
+        train=from_run("results/tokens/{data}/{model}/{template}/train.safetensors"),
         template=get_run_template,
         accelerate_configs=accelerate_configs(),
         code=code_inputs("train"),
