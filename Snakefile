@@ -2,10 +2,10 @@
 #
 # Results layout (one helper per path in workflow/rules/common.smk):
 #   results/models/{model}/                       base model as a plain HF folder (prepare_model)
-#   results/data/clean.parquet, rejected.parquet, clean_report.json             (clean)
-#   results/prompts/{model}/{template}.parquet                                   (render)
-#   results/tokens/{model}/{template}/{train,eval}.safetensors, audit.json       (tokenize)
-#   results/base_eval/{model}/{template}/metrics.json                            (evaluate_base)
+#   results/data/{data}/clean.parquet, rejected.parquet, clean_report.json      (clean; every data source)
+#   results/prompts/{data}/{model}/{template}.parquet                            (render)
+#   results/tokens/{data}/{model}/{template}/{train,eval}.safetensors, audit.json (tokenize)
+#   results/base_eval/{data}/{model}/{template}/metrics.json                     (evaluate_base)
 #   results/runs/{run}/model/, train/metrics.jsonl, eval/metrics.json, report.html
 #   results/runs/{run}/gguf/model-{gguf_type}.gguf  only the types a run lists in export.gguf (export_gguf)
 #   results/compare.html, compare.csv, compare/{loss_curves,metric_bars}.png   all runs side by side (compare_runs)
@@ -15,7 +15,8 @@
 #   results/test_sets/{testset}/ clean.parquet, prompts/{model}/{template}.parquet, tokens/{model}/{template}/
 #     and results/base_eval/{model}/{template}/test_sets/{testset}/, results/runs/{run}/eval/test_sets/{testset}/
 #     for each of evaluate.test_sets (the *_test_set rules), merged into eval/metrics.json by compare
-# Stages before train depend only on (model, template), so runs that share them share the work.
+# {data}: "default" for the config's data, else the first run (runs.NAME.data) with that data.
+# Stages before train depend only on (data, model, template), so runs that share them share the work.
 
 configfile: "config/config.yaml"
 

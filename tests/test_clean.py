@@ -9,6 +9,7 @@ import pytest
 from instructflow.clean import (
     DEFAULT_PLACEHOLDERS,
     KEPT_COLUMNS,
+    SOURCE_COLUMNS,
     CleanError,
     clean_table,
     read_table,
@@ -321,7 +322,7 @@ def test_chat_messages_rows(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in recs), encoding="utf-8")
     res = run_clean(p, tmp_path / "c.parquet", tmp_path / "r.parquet", tmp_path / "rep.json")
     check_invariant(res)
-    assert res.report["columns"] == {"messages": "messages"}
+    assert res.report["sources"]["chat"]["columns"] == {"messages": "messages"}
     row = res.kept.iloc[0]
     assert (row["row"], row["instruction"], row["input"], row["output"]) == (1, "2+2?", "", "4")
     msgs = json.loads(row["messages"])
@@ -334,7 +335,7 @@ def test_chat_messages_rows(tmp_path):
     # The unanswered "thanks" is left out of the kept row, and counted (the duplicate row had none).
     assert (report["turns_after_last_assistant_dropped"], report["rows_with_turns_after_last_assistant"]) == (1, 1)
     back = pd.read_parquet(tmp_path / "c.parquet")
-    assert list(back.columns) == KEPT_COLUMNS
+    assert list(back.columns) == KEPT_COLUMNS + SOURCE_COLUMNS
 
 
 def test_openai_content_parts_are_flattened_and_non_text_parts_rejected(tmp_path):
@@ -408,7 +409,7 @@ def test_run_clean_writes_outputs(tmp_path):
                     tmp_path / "out" / "report.json", eval_fraction=0.0)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report == res.report
-    assert report["source"] == str(p)
+    assert report["sources"]["d"]["path"] == str(p)
     kept = pd.read_parquet(tmp_path / "out" / "clean.parquet")
     rej = pd.read_parquet(tmp_path / "out" / "rej.parquet")
     assert kept["row"].tolist() == [1] and kept["row"].dtype == "int64"

@@ -480,7 +480,7 @@ def test_snakemake_after_kill_9_of_training_resumes(tiny_model_dir, tmp_path):
     for key in ("template", "template_sha256"):  # the export's record of the template (its name and hash)
         settings.pop(key, None)
     [model] = (work / "results" / "models").iterdir()
-    [tokens] = (work / "results" / "tokens").glob("*/*/train.safetensors")
+    [tokens] = (work / "results" / "tokens").glob("*/*/*/train.safetensors")
     reference = subprocess.run(
         [sys.executable, "-m", "instructflow.train",
          *train_args({"model": model, "train": tokens}, tmp_path / "reference", settings)],

@@ -108,7 +108,7 @@ def test_every_job_but_prepare_model_goes_through_sbatch(runs):
 @pytest.mark.slow
 def test_cluster_outputs_match_local(runs):
     local, cluster, _ = runs
-    for table in ("results/data/clean.parquet", "results/data/rejected.parquet"):
+    for table in ("results/data/default/clean.parquet", "results/data/default/rejected.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(local / table), pd.read_parquet(cluster / table))
     prompts = sorted((local / "results" / "prompts").rglob("*.parquet"))
     tokens = sorted((local / "results" / "tokens").rglob("*.safetensors"))

@@ -92,8 +92,8 @@ def test_every_architecture_runs_end_to_end(tiny_workflow):
 
     _, work = tiny_workflow
     results = work / "results"
-    assert (results / "data" / "clean_report.json").is_file()
-    assert (results / "data" / "rejected.parquet").is_file()
+    assert (results / "data" / "default" / "clean_report.json").is_file()
+    assert (results / "data" / "default" / "rejected.parquet").is_file()
     for arch in ARCHS:
         run = results / "runs" / arch
         for name in RUN_OUTPUTS:

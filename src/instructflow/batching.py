@@ -3,7 +3,10 @@ computes the same plan without talking to the others and a resumed run continues
 stopped.
 
 Rows are shuffled per epoch and each step takes the next batch_size of them, so every step is a
-random sample of the data. (Sorting rows by length across many batches saved padding but made a step
+random sample of the data. With several data sources an epoch is built from per-source samples: a
+source of weight w and n training rows gives round(w x n) of them (a sample without replacement below
+n, whole repeats of every row and a sample for the rest above), all shuffled together; with every weight
+1 that is each row once, exactly the plan of one unweighted source. (Sorting rows by length across many batches saved padding but made a step
 nearly one task type on data whose tasks differ in length, and held-out loss suffered; packing now
 removes the padding instead.) Inside a step the rows are ordered by length: ranks get similar amounts
 of work, padded micro-batches hold rows of similar length, and packed micro-batches similar token counts.
@@ -27,26 +30,43 @@ class StepPlan:
 
 
 class BatchPlanner:
+    """``source_weights``: a data source's name -> its weight (data.sources[].weight); None: every source 1.
+    The sources are the ones the examples name (Examples.source_names)."""
+
     def __init__(self, examples: Examples, *, batch_size: int, micro_batch_size: int, world_size: int, seed: int,
-                 pack: bool = False):
+                 pack: bool = False, source_weights: dict[str, float] | None = None):
         if batch_size % (micro_batch_size * world_size):
             raise ValueError(
                 f"train.batch_size ({batch_size}) must be a multiple of train.micro_batch_size "
                 f"({micro_batch_size}) x processes ({world_size})"
             )
-        if len(examples) < batch_size:
-            raise ValueError(f"only {len(examples)} training rows, fewer than train.batch_size ({batch_size})")
         self.lengths = examples.lengths.numpy()
         self.trained = _trained_per_row(examples)
         self.batch_size, self.micro, self.world, self.seed, self.pack = batch_size, micro_batch_size, world_size, seed, pack
-        self.steps_per_epoch = len(examples) // batch_size
+        self.sources = source_plan(examples, source_weights)
+        rows_per_epoch = sum(source["rows_per_epoch"] for source in self.sources.values())
+        if rows_per_epoch < batch_size:
+            raise ValueError(f"only {rows_per_epoch} training rows per epoch, fewer than train.batch_size ({batch_size})"
+                             + (f" (rows per source and epoch: {self.rows_per_epoch()})" if len(self.sources) > 1 else ""))
+        self._rows_of = [np.flatnonzero(examples.source.numpy() == i) for i in range(len(self.sources))]
+        self.steps_per_epoch = rows_per_epoch // batch_size
         self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
+
+    def rows_per_epoch(self) -> dict[str, int]:
+        """Rows each source gives an epoch (before the epoch's last partial batch is left out)."""
+        return {name: source["rows_per_epoch"] for name, source in self.sources.items()}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))[: self.steps_per_epoch * self.batch_size]
+        picked = []
+        for rows, source in zip(self._rows_of, self.sources.values()):
+            whole, rest = divmod(source["rows_per_epoch"], len(rows)) if len(rows) else (0, 0)
+            picked += [rows] * whole
+            if rest:
+                picked.append(rng.choice(rows, rest, replace=False))
+        order = rng.permutation(np.concatenate(picked))[: self.steps_per_epoch * self.batch_size]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         self._epoch_cache = (epoch, batches)
         return batches
@@ -65,6 +85,25 @@ class BatchPlanner:
                 micro = [mine[i : i + self.micro] for i in range(0, len(mine), self.micro)]
             per_rank.append([m.tolist() for m in micro])
         return StepPlan(per_rank, int(self.trained[rows].sum()))
+
+
+def source_plan(examples: Examples, weights: dict[str, float] | None) -> dict[str, dict]:
+    """Source name -> {"train_rows", "weight", "rows_per_epoch": round(weight x train_rows), halves up}, in the
+    order of the examples' source indices. Examples that name no source are one source, "all"."""
+    names = examples.source_names or ["all"]
+    if weights is not None and examples.source_names:
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise ValueError(f"the training rows come from sources {names}, but no weight is given for {missing}; "
+                             "tokenize and train from the same data.sources")
+    elif weights is not None and any(w != 1 for w in weights.values()):
+        raise ValueError(f"source weights {weights} given, but the training rows name no sources")
+    counts = np.bincount(examples.source.numpy(), minlength=len(names))
+    plan = {}
+    for name, rows in zip(names, counts.tolist()):
+        weight = (weights or {}).get(name, 1)
+        plan[name] = {"train_rows": rows, "weight": weight, "rows_per_epoch": int(np.floor(weight * rows + 0.5))}
+    return plan
 
 
 def _trained_per_row(examples: Examples) -> np.ndarray:

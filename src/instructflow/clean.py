@@ -4,6 +4,9 @@ rows that would teach the model nothing (or teach it twice), and give every kept
 The split is a function of a row's content alone, so appending rows to the source file never moves an
 existing row between train and eval (and never leaks an evaluated row into training on a re-run).
 
+Several source files (data.sources) are cleaned one by one, each with its own column map, into one table
+whose rows say their source; a row equal to one kept from an earlier source is rejected as its duplicate.
+
 No Snakemake here: the workflow rule is a thin call into :func:`run_clean`.
 """
 
@@ -48,6 +51,9 @@ AUTO_COLUMNS = {
 
 KEPT_COLUMNS = ["row", "instruction", "input", "output", "messages", "split"]
 REJECTED_COLUMNS = ["row", "reason", "detail", "instruction", "input", "output", "messages"]
+# Added to both when sources are merged: `row` then numbers the rows of all sources in order (unique, the
+# key later stages join on), `source` names a row's source and `source_row` is its row in that file.
+SOURCE_COLUMNS = ["source", "source_row"]
 
 ROLE_MAP = {
     "human": "user", "user": "user",
@@ -562,12 +568,17 @@ def clean_table(
     max_chars: int = DEFAULTS["max_chars"],
     eval_fraction: float = DEFAULTS["eval_fraction"],
     config_key: str = "data",
+    name: str = "",
+    earlier: dict | None = None,
 ) -> CleanResult:
     """Normalise, reject and split the rows of `df` (as returned by :func:`read_table`).
 
     The split hashes the normalised content, so it is stable across re-runs and appends. With a tiny
     dataset the hash may put no row in eval even though eval_fraction > 0; that is deliberate, since
     forcing one would make a row's split depend on the rest of the file.
+
+    ``earlier``: the content of rows kept from earlier sources -> (that source's name, its row); a row equal
+    to one is rejected as a duplicate naming it, and this table's kept rows are added under ``name``.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
@@ -634,6 +645,9 @@ def clean_table(
         if key in first_seen:
             reject("duplicate", f"duplicate of row {first_seen[key]}")
             continue
+        if earlier is not None and key in earlier:
+            reject("duplicate", "duplicate of row {1} of source {0!r}".format(*earlier[key]))
+            continue
         first_seen[key] = i
         if chat:
             unanswered_turns += unanswered
@@ -643,6 +657,8 @@ def clean_table(
             "split": _split_of(instruction, input_.strip(), output.strip(), eval_fraction),
         })
 
+    if earlier is not None:
+        earlier.update({key: (name, row) for key, row in first_seen.items()})
     kept_df = pd.DataFrame(kept, columns=KEPT_COLUMNS)
     kept_df["row"] = kept_df["row"].astype("int64")
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
@@ -671,23 +687,68 @@ def clean_table(
     return CleanResult(kept=kept_df, rejected=rejected_df, report=report)
 
 
-def run_clean(path, out_clean, out_rejected, out_report, **kwargs) -> CleanResult:
-    """Read `path`, clean it, and write kept rows (Parquet), rejected rows (Parquet) and the report (JSON).
+def clean_sources(tables: list[tuple[dict, pd.DataFrame]], **kwargs) -> CleanResult:
+    """Clean several sources into one table: ``tables`` holds (source, its rows as read) in config order,
+    a source being {"name", "path", "columns", "config_key"}. Each is cleaned on its own (its column map,
+    messages naming its file and config key); a row equal to one kept from an earlier source is rejected
+    as a duplicate of that row, so the first source listed keeps it. Rows get SOURCE_COLUMNS and one
+    running ``row`` number over all sources (a single source's rows keep their own numbers).
 
-    kwargs go to :func:`clean_table` (columns, placeholders, max_chars, eval_fraction, config_key). A test set is
-    cleaned with eval_fraction 1 (every row held out) and its config key, which the messages then name.
+    The report: totals over all sources, and under "sources" each one's counts, path and column map,
+    rows_in = rows_kept + rows_rejected in both. kwargs: clean_table's placeholders, max_chars, eval_fraction."""
+    names = [source["name"] for source, _ in tables]
+    if len(set(names)) < len(names):
+        raise ValueError(f"sources need distinct names, got {names}")
+    earlier: dict = {}
+    kept, rejected, reports, offset = [], [], {}, 0
+    for source, df in tables:
+        result = clean_table(df, source=str(source["path"]), columns=source.get("columns"),
+                             config_key=source.get("config_key", "data"), name=source["name"], earlier=earlier, **kwargs)
+        for part, out in ((result.kept, kept), (result.rejected, rejected)):
+            out.append(part.assign(source=source["name"], source_row=part["row"], row=part["row"] + offset))
+        report = dict(result.report)
+        reports[source["name"]] = {"path": report.pop("source"), **report}
+        offset += report["rows_in"]
+    kept_df = pd.concat(kept, ignore_index=True)[KEPT_COLUMNS + SOURCE_COLUMNS]
+    rejected_df = pd.concat(rejected, ignore_index=True)[REJECTED_COLUMNS + SOURCE_COLUMNS]
+    by_reason: dict[str, int] = {}
+    for report in reports.values():
+        for reason, count in report["rejected_by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    totals = {key: sum(r[key] for r in reports.values())
+              for key in ("rows_in", "rows_kept", "rows_rejected", "placeholders_emptied", "mojibake_repaired")}
+    assert totals["rows_in"] == totals["rows_kept"] + totals["rows_rejected"] == len(kept_df) + len(rejected_df)
+    report = {**totals, "rejected_by_reason": dict(sorted(by_reason.items())),
+              "splits": {split: sum(r["splits"][split] for r in reports.values()) for split in ("train", "eval")},
+              "sources": reports}
+    return CleanResult(kept=kept_df, rejected=rejected_df, report=report)
+
+
+def run_clean(sources, out_clean, out_rejected, out_report, *, columns: dict | None = None, config_key: str = "data",
+              **kwargs) -> CleanResult:
+    """Read the sources, clean them, and write kept rows (Parquet), rejected rows (Parquet) and the report (JSON).
+
+    ``sources``: one file (its column map ``columns``, named in messages as ``config_key``) or a list of
+    sources {"name", "path", "columns", "config_key"} (data.sources as config.normalise_data gives it).
+    kwargs go to :func:`clean_table` (placeholders, max_chars, eval_fraction). A test set is cleaned with
+    eval_fraction 1 (every row held out) and its config key, which the messages then name.
     """
-    config_key = kwargs.get("config_key", "data")
-    df = read_table(path, config_key)
-    result = clean_table(df, source=str(path), **kwargs)
-    # Nothing to train on: stop here, where the cause is known, not in training with an empty batch.
-    if not result.report["rows_in"]:
-        raise CleanError(f"{path}: the file has a header but no data rows; point {config_key}.path at the file with "
-                         "your data")
-    if not result.report["rows_kept"]:
-        first = result.rejected.head(3)[["row", "reason"]].to_dict("records")
-        raise CleanError(f"{path}: all {result.report['rows_in']} rows were rejected "
-                         f"({result.report['rejected_by_reason']}; first: {first}); fix the data or {config_key}.columns")
+    if isinstance(sources, (str, Path)):
+        sources = [{"name": Path(sources).stem, "path": sources, "columns": columns, "config_key": config_key}]
+    tables = [(source, read_table(source["path"], source.get("config_key", "data"))) for source in sources]
+    result = clean_sources(tables, **kwargs)
+    # Nothing to train on from a source: stop here, where the cause is known, not in training (an empty batch)
+    # or never (a source whose column map is wrong would silently be left out).
+    for source in sources:
+        path, key, report = source["path"], source.get("config_key", "data"), result.report["sources"][source["name"]]
+        if not report["rows_in"]:
+            raise CleanError(f"{path}: the file has a header but no data rows; point {key}.path at the file with "
+                             "your data")
+        if not report["rows_kept"]:
+            mine = result.rejected[result.rejected["source"] == source["name"]]
+            first = mine.head(3)[["source_row", "reason"]].rename(columns={"source_row": "row"}).to_dict("records")
+            raise CleanError(f"{path}: all {report['rows_in']} rows were rejected "
+                             f"({report['rejected_by_reason']}; first: {first}); fix the data or {key}.columns")
     write_parquet(out_clean, result.kept)
     write_parquet(out_rejected, result.rejected)
     write_json(out_report, result.report)

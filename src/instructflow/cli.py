@@ -32,7 +32,11 @@ def cmd_clean(a):
     from .clean import run_clean
 
     options = _json(a.options)
-    result = run_clean(a.data, a.clean, a.rejected, a.report, **options)
+    # Several sources (the workflow's data.sources, each with its own columns) come in the options; --data is one file.
+    sources = options.pop("sources", None) or a.data
+    if not sources:
+        raise ValueError("give --data FILE, or the sources in --options {\"sources\": [...]}")
+    result = run_clean(sources, a.clean, a.rejected, a.report, **options)
     print(json.dumps(result.report, indent=2))
 
 
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prepare-model", cmd_prepare_model, "spec", "out")
     p.add_argument("--trust-remote-code", action="store_true")
-    add("clean", cmd_clean, "data", "clean", "rejected", "report", "options")
+    add("clean", cmd_clean, "data", "clean", "rejected", "report", "options", optional=("options", "data"))
     add("render", cmd_render, "clean", "template", "out", "model", optional=("model",))
     add("tokenize", cmd_tokenize, "prompts", "model", "train", "eval", "rejected", "audit", "options",
         optional=("options", "train"))  # no --train: a test set (options {"test_set": NAME}), all rows evaluated

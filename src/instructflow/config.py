@@ -85,7 +85,8 @@ def defaults(section: str) -> dict:
 
 
 def _key(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
+    """A config key as written in messages: ``data.sources[1].weight`` (list items by their 0-based index)."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
 
 
 def validate(config: dict, schema: dict | None = None) -> dict:
@@ -190,13 +191,16 @@ def train_settings(settings: dict) -> dict:
 
 def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
     """Run name -> {"model": {...}, "model_key", "template", "template_path", "template_key", "train": {...},
-    "export": {"gguf": [...]}, "tracking": {...}}."""
+    "export": {"gguf": [...]}, "tracking": {...}, "data": {...} (data with the run's overrides, sources normalised),
+    "data_key"}."""
     from .prepare_model import model_key  # imports torch: only where runs are resolved, not for defaults()
 
     runs = {}
     for name, override in config["runs"].items():
         run = _merge({"model": config["model"], "template": config["template"], "train": {},
-                      "export": config["export"], "tracking": config["tracking"]}, override or {})
+                      "export": config["export"], "tracking": config["tracking"]},
+                     {k: v for k, v in (override or {}).items() if k != "data"})
+        run["data"] = run_data(config["data"], (override or {}).get("data"), name)
         train = _merge(config["train"], run["train"])
         if train.get("args_file"):
             train = _merge(train, _training_arguments(train["args_file"], workdir))
@@ -216,6 +220,7 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
         for key, value in ((model_config_key, run["model_key"]), ("template", run["template_key"])):
             check_folder_name(key, value)
         runs[name] = run
+    assign_data_keys(config["data"], runs)
     keys: dict[str, str] = {}
     for run in runs.values():
         other = keys.setdefault(run["model_key"], run["model"]["base"])
@@ -227,10 +232,58 @@ def resolve_runs(config: dict, workdir: Path = Path(".")) -> dict[str, dict]:
 
 def run_settings(config: dict, name: str, run: dict) -> dict:
     """What run ``name`` was made with, as the track stage logs it: its model, template, training and export
-    settings and the shared data, tokenize and evaluate sections (tracking itself is left out)."""
+    settings, its data (data with the run's overrides) and the shared tokenize and evaluate sections (tracking
+    itself is left out)."""
     return {"run": name, "model": run["model"], "model_key": run["model_key"], "template": run["template"],
-            "template_key": run["template_key"], "train": run["train"], "export": run["export"],
-            **{section: config[section] for section in ("data", "tokenize", "evaluate")}}
+            "template_key": run["template_key"], "train": run["train"], "export": run["export"], "data": run["data"],
+            **{section: config[section] for section in ("tokenize", "evaluate")}}
+
+
+# data's keys besides its files that the clean stage reads.
+CLEAN_KEYS = ("placeholders", "max_chars", "eval_fraction")
+
+
+def run_data(data: dict, override: dict | None, run: str) -> dict:
+    """data with a run's overrides (runs.NAME.data), validated, its sources normalised; data itself without
+    any. A run's path (with its columns) or sources replace data's files; placeholders, max_chars and
+    eval_fraction it does not set are data's."""
+    if not override:
+        return data
+    key = f"runs.{run}.data"
+    new_files = "path" in override or "sources" in override
+    if "columns" in override and not new_files:
+        raise ConfigError(f"config key {key}.columns: give it with {key}.path, the file whose columns it maps")
+    schema = load_schema()
+    try:
+        merged = validate({**{k: data[k] for k in CLEAN_KEYS}, **override},
+                          {**schema["properties"]["data"], "$defs": schema["$defs"]})
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("config key ", f"config key {key}.", 1)) from None
+    if not new_files:
+        return {**merged, "sources": data["sources"]}
+    return normalise_sources(merged, key)
+
+
+def clean_settings(data: dict) -> dict:
+    """What the clean stage's output depends on: runs whose data agree on it share clean, render and tokenize."""
+    return {"sources": [{k: source[k] for k in ("name", "path", "columns")} for source in data["sources"]],
+            **{k: data[k] for k in CLEAN_KEYS}}
+
+
+def assign_data_keys(data: dict, runs: dict[str, dict]) -> None:
+    """Each run's "data_key", the {data} folder of its cleaned, rendered and tokenized rows: ``default`` for
+    data's own settings, else the name of the first run (in config order) with the run's settings, so runs
+    with equal data share those stages."""
+    own = {name: json.dumps(clean_settings(run["data"]), sort_keys=True) for name, run in runs.items()}
+    data_settings = json.dumps(clean_settings(data), sort_keys=True)
+    keys = {data_settings: "default"} if data_settings in own.values() else {}
+    for name, run in runs.items():
+        if own[name] not in keys:
+            if name in keys.values():
+                raise ConfigError(f"config key runs.{name}.data: the run's data differs from data, whose rows "
+                                  f"other runs train on in results/data/{name}/; rename the run")
+            keys[own[name]] = name
+        run["data_key"] = keys[own[name]]
 
 
 # A path component the workflow builds from the config (a run, model or template name) must be a plain
@@ -285,10 +338,41 @@ def template_digest(path: str | Path) -> str:
         raise ConfigError(f"config key template: cannot read {str(path)!r}: {err}") from None
 
 
-def check_inputs(config: dict, workdir: Path = Path(".")) -> None:
-    data = workdir / config["data"]["path"]
-    if not data.is_file():
-        raise ConfigError(f"config key data.path: file {config['data']['path']!r} not found (from {workdir.resolve()})")
+def normalise_data(config: dict) -> dict:
+    """config["data"] with its sources normalised (:func:`normalise_sources`)."""
+    normalise_sources(config["data"])
+    return config
+
+
+def normalise_sources(data: dict, key: str = "data") -> dict:
+    """data.sources as the list the stages read, also for the one-file form: each source {"name", "path",
+    "columns", "weight", "config_key"} (config_key: the section that names it, for messages: ``data`` for
+    data.path, ``data.sources[i]`` for a listed file; ``key``: that section, ``runs.NAME.data`` for a run's
+    own). A non-empty data.sources replaces data.path and data.columns: Snakemake merges a --configfile over
+    config/config.yaml, whose data.path stays set."""
+    if data["sources"]:
+        sources = [{"name": source.get("name") or Path(source["path"]).stem, **source,
+                    "config_key": f"{key}.sources[{i}]"} for i, source in enumerate(data["sources"])]
+    else:
+        sources = [{"name": Path(data["path"]).stem, "path": data["path"], "columns": data["columns"], "weight": 1,
+                    "config_key": key}]
+    names: dict[str, str] = {}
+    for source in sources:
+        other = names.setdefault(source["name"], source["config_key"])
+        if other != source["config_key"]:
+            raise ConfigError(f"config key {source['config_key']}.name: {other} is also named {source['name']!r} "
+                              f"(a source's name is its file's stem unless set); give one of them a name")
+    data["sources"] = sources
+    return data
+
+
+def check_inputs(config: dict, runs: dict[str, dict], workdir: Path = Path(".")) -> None:
+    """Every data file a run trains on (data's, or the run's own), every test set: there."""
+    datas = {id(run["data"]): run["data"] for run in runs.values()}.values()
+    for source in (source for data in datas for source in data["sources"]):
+        if not (workdir / source["path"]).is_file():
+            raise ConfigError(f"config key {source['config_key']}.path: file {source['path']!r} not found "
+                              f"(from {workdir.resolve()})")
     for name, test_set in config["evaluate"]["test_sets"].items():
         if not (workdir / test_set["path"]).is_file():
             raise ConfigError(f"config key evaluate.test_sets.{name}.path: test set {name!r}: file {test_set['path']!r} "
@@ -304,6 +388,7 @@ def normalise_test_sets(config: dict) -> dict:
 
 
 def load(config: dict, workdir: Path = Path(".")) -> tuple[dict, dict[str, dict]]:
-    config = normalise_test_sets(validate(config))
-    check_inputs(config, workdir)
-    return config, resolve_runs(config, workdir)
+    config = normalise_data(normalise_test_sets(validate(config)))
+    runs = resolve_runs(config, workdir)
+    check_inputs(config, runs, workdir)
+    return config, runs

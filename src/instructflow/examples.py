@@ -9,12 +9,15 @@ Tensors:
     labels         int32  [total_tokens]  -100 on prompt tokens, the token id on response + EOS
     offsets        int64  [n_rows + 1]    row i is input_ids[offsets[i]:offsets[i+1]]
     prompt_lengths int32  [n_rows]        tokens of row i that belong to the prompt
-    row            int64  [n_rows]        the source row number from the clean stage
-Metadata (strings): eos_token_id, pad_token_id, and anything the tokenizer stage wants to record.
+    row            int64  [n_rows]        the row number from the clean stage
+    source         int64  [n_rows]        the row's source: an index into the metadata's ``sources``
+Metadata (strings): eos_token_id, pad_token_id, sources (a JSON list of the data sources' names; absent where
+the rows name none, all rows then source 0), and anything the tokenizer stage wants to record.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,11 @@ class Examples:
     prompt_lengths: torch.Tensor
     row: torch.Tensor
     metadata: dict[str, str] = field(default_factory=dict)
+    source: torch.Tensor | None = None  # None: every row from source 0
+
+    def __post_init__(self):
+        if self.source is None:
+            self.source = torch.zeros(len(self), dtype=torch.int64)
 
     def __len__(self) -> int:
         return int(self.offsets.numel() - 1)
@@ -52,6 +60,11 @@ class Examples:
         return self.input_ids[start : start + int(self.prompt_lengths[i])]
 
     @property
+    def source_names(self) -> list[str]:
+        """The data sources' names, in the order of the source indices (empty where none was recorded)."""
+        return json.loads(self.metadata.get("sources", "[]"))
+
+    @property
     def eos_token_id(self) -> int:
         return int(self.metadata["eos_token_id"])
 
@@ -66,6 +79,7 @@ class Examples:
         row_ids: list[int],
         prompt_lengths: list[int],
         metadata: dict[str, str],
+        sources: list[int] | None = None,
     ) -> "Examples":
         lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -79,6 +93,7 @@ class Examples:
             prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.int32),
             row=torch.tensor(row_ids, dtype=torch.int64),
             metadata={k: str(v) for k, v in metadata.items()},
+            source=None if sources is None else torch.tensor(sources, dtype=torch.int64),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -92,6 +107,7 @@ class Examples:
                 "offsets": self.offsets.contiguous(),
                 "prompt_lengths": self.prompt_lengths.contiguous(),
                 "row": self.row.contiguous(),
+                "source": self.source.contiguous(),
             },
             str(tmp),
             metadata=self.metadata,

@@ -62,6 +62,8 @@ def render_prompts(clean: pd.DataFrame, template: Template, tokenizer=None) -> p
     rendered = pd.DataFrame({"row": clean["row"].to_numpy(), "prompt": prompts, "response": responses,
                              "split": clean["split"].to_numpy(),
                              "prompt_has_special_tokens": np.full(len(prompts), template.chat, dtype=bool)})
+    if "source" in clean:  # tokenize records each row's source, for training's per-source weights
+        rendered["source"] = clean["source"].to_numpy()
     rendered.attrs.update(chat_rows_cut=int(rows_cut), chat_turns_dropped=int(turns_dropped))
     if any(segments_column):  # (pandas writes attrs into the Parquet file: Alpaca rows' file stays as it was)
         rendered["segments"] = segments_column

@@ -264,7 +264,12 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
     blocks.append(("h", 2, "Training"))
     ts = _load_json(train_summary)
     if ts:
-        blocks.append(("table", ["key", "value"], [[k, fmt(v)] for k, v in ts.items()]))
+        blocks.append(("table", ["key", "value"], [[k, fmt(v)] for k, v in ts.items() if k != "sources"]))
+        if ts.get("sources"):
+            blocks.append(("p", "Rows per source and epoch: round(weight × the source's training rows)."))
+            blocks.append(("table", ["source", "training rows", "weight", "rows per epoch"],
+                           [[name, fmt(s["train_rows"]), fmt(s["weight"]), fmt(s["rows_per_epoch"])]
+                            for name, s in ts["sources"].items()]))
     else:
         blocks.append(("p", "No training summary."))
     logged = read_jsonl(metrics_jsonl) if metrics_jsonl is not None and Path(metrics_jsonl).exists() else []
@@ -285,8 +290,17 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
     cr = _load_json(clean_report)
     if cr:
         blocks.append(("table", ["key", "value"], [[k, fmt(v)] for k, v in _scalar_items(cr)]))
+        sources = cr.get("sources", {})
+        if sources:
+            blocks.append(("p", "Per source (in data.sources' order; a row equal to one of an earlier source is "
+                                "rejected as its duplicate):"))
+            blocks.append(("table", ["source", "path", "columns", "rows in", "kept", "rejected", "train", "eval",
+                                     "rejected by reason"],
+                           [[name, s["path"], fmt(s["columns"]), fmt(s["rows_in"]), fmt(s["rows_kept"]),
+                             fmt(s["rows_rejected"]), fmt(s["splits"]["train"]), fmt(s["splits"]["eval"]),
+                             fmt(s["rejected_by_reason"])] for name, s in sources.items()]))
         for key, value in cr.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and key != "sources":
                 blocks.append(("p", f"{key}:"))
                 blocks.append(("table", ["reason" if "reason" in key or "reject" in key else "key", "count"],
                                [[k, fmt(v)] for k, v in value.items()]))

@@ -15,12 +15,13 @@ always label their last assistant turn only: evaluation scores that turn, genera
 
 from __future__ import annotations
 
-import warnings
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .config import ConfigError, defaults
 from .examples import IGNORE_INDEX, Examples
@@ -149,6 +150,7 @@ def tokenize_prompts(prompts: pd.DataFrame, tokenizer, *, max_length: int,
     splits = {name: Examples.from_rows(rows, row_ids, plens, metadata) for name, (rows, plens, row_ids) in per_split.items()}
     for name in ("train", "eval"):
         splits.setdefault(name, Examples.from_rows([], [], [], metadata))
+    _record_sources(splits, prompts)
     rejected_df = pd.DataFrame(rejected, columns=["row", "split", "reason", "detail"])
     audit = audit_examples(splits, prompts, tokenizer, expected, train_on=train_on)
     audit.update({"rows_in": int(len(prompts)), "rows_kept": int(sum(len(e) for e in splits.values())),
@@ -225,6 +227,19 @@ def _expected_turns(prompts: pd.DataFrame, tokenizer, train_on: str) -> dict[int
         texts = [response] if segments is None else [segments[j]["text"] for j in _labelled(segments, split, train_on)]
         out[int(row)] = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return out
+
+
+def _record_sources(splits: dict[str, Examples], prompts: pd.DataFrame) -> None:
+    """Each row's source (the clean stage's ``source`` column) as an index into the metadata's
+    ``sources`` (names in order of first appearance, which is data.sources' order), for training's
+    per-source weights. Prompts without the column (made by hand) leave every row in source 0, unnamed."""
+    if "source" not in prompts:
+        return
+    index = {name: i for i, name in enumerate(dict.fromkeys(prompts["source"].tolist()))}
+    index_of_row = dict(zip(prompts["row"].tolist(), (index[n] for n in prompts["source"])))
+    for examples in splits.values():
+        examples.source = torch.tensor([index_of_row[r] for r in examples.row.tolist()], dtype=torch.int64)
+        examples.metadata["sources"] = json.dumps(list(index))
 
 
 def audit_examples(splits: dict[str, Examples], prompts: pd.DataFrame, tokenizer,

@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import precision as precisions
-from .batching import BatchPlanner, StepPlan, collate
+from .batching import BatchPlanner, StepPlan, collate, source_plan
 from .checkpoint import CheckpointError, file_sha256, latest_valid, load_checkpoint, save_checkpoint
 from .config import train_settings
 from .examples import Examples
@@ -53,7 +53,8 @@ from .loss import response_loss_sum
 from .modeling import architecture, load_model, position_limit
 
 # Keys the workflow passes beside the schema's training settings.
-EXTRA_SETTINGS = ("template_path", "trust_remote_code")
+# Settings from outside the train section: the run's template and model, and data.sources' weights.
+EXTRA_SETTINGS = ("template_path", "trust_remote_code", "source_weights")
 
 
 class TrainingError(RuntimeError):
@@ -482,7 +483,7 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------- train
 def planned_steps(settings: dict, planner: BatchPlanner) -> int:
     """train.max_steps, or with train.epochs that many passes over the rows (an epoch is the planner's
-    steps_per_epoch full batches; at least one step)."""
+    steps_per_epoch full batches of the rows the sources' weights give it; at least one step)."""
     if settings["epochs"]:
         return max(1, math.ceil(settings["epochs"] * planner.steps_per_epoch))
     return settings["max_steps"]
@@ -582,7 +583,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         setup = build_setup(settings, model_dir, device, precision, longest_row=longest_row)
         planner = BatchPlanner(examples, batch_size=settings["batch_size"],
                                micro_batch_size=settings["micro_batch_size"], world_size=world, seed=settings["seed"],
-                               pack=setup.packing)
+                               pack=setup.packing, source_weights=settings.get("source_weights"))
         total = planned_steps(settings, planner)
         scheduler = torch.optim.lr_scheduler.LambdaLR(setup.precision.optimizer, lambda s: lr_factor(
             s, warmup=settings["warmup_steps"], total=total, kind=settings["lr_scheduler"]))
@@ -643,7 +644,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         export(setup, model_dir, out_dir, settings)
         shutil.copy(log_path, metrics_path)
         summary = {"method": settings["method"], "steps": done, "epochs": round(done / planner.steps_per_epoch, 4),
-                   "resumed_from_step": progress.start,
+                   "resumed_from_step": progress.start, "sources": planner.sources,
                    "processes": accelerator.num_processes, "device": str(device), "precision": precision,
                    **held_out.summary(done), **setup.summary(), **progress.summary()}
         write_json(summary_path, summary)
@@ -653,12 +654,19 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
 
 
 def check_rows(settings: dict, train_path: Path, examples: Examples) -> None:
-    if len(examples) < settings["batch_size"]:
-        # Before the model loads: the batch planner would only say so after minutes of loading.
-        raise TrainingError(f"the training split {train_path} has {len(examples)} rows, fewer than one batch "
+    """Before the model loads (the batch planner would only say so after minutes of loading): at least one batch
+    of rows per epoch, counted with data.sources' weights."""
+    try:
+        sources = source_plan(examples, settings.get("source_weights"))
+    except ValueError as err:
+        raise TrainingError(f"{train_path}: {err}") from None
+    per_epoch = sum(source["rows_per_epoch"] for source in sources.values())
+    if per_epoch < settings["batch_size"]:
+        weighted = f" (with data.sources' weights {per_epoch} per epoch: {sources})" if per_epoch != len(examples) else ""
+        raise TrainingError(f"the training split {train_path} has {len(examples)} rows{weighted}, fewer than one batch "
                             f"(train.batch_size: {settings['batch_size']}); lower train.batch_size (and "
-                            "train.micro_batch_size to fit), or give more training rows (a larger data file or a "
-                            "smaller data.eval_fraction)")
+                            "train.micro_batch_size to fit), or give more training rows (a larger data file, a "
+                            "smaller data.eval_fraction or larger source weights)")
 
 
 def load_held_out(settings: dict, eval_path: Path | None) -> Examples | None:

@@ -27,10 +27,17 @@ MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
 # evaluate.test_sets: name -> {"path", "columns"}; the evaluate stage's own options are the other keys.
 TEST_SETS = CONFIG["evaluate"]["test_sets"]
 EVALUATE_OPTIONS = {k: v for k, v in CONFIG["evaluate"].items() if k != "test_sets"}
+# Data key (config.assign_data_keys: "default" for data, else a run's name) -> that data, whose "sources" are
+# [{"name", "path", "columns", "weight", "config_key"}] (one entry for a one-file data.path); the first run of
+# a key gives it.
+DATA = {}
+for _run in RUNS.values():
+    DATA.setdefault(_run["data_key"], _run["data"])
 
 
 wildcard_constraints:
     run="|".join(map(lambda name: name.replace(".", r"\."), RUNS)),
+    data="|".join(map(lambda name: name.replace(".", r"\."), DATA)),
     model=r"[A-Za-z0-9._-]+",
     template=r"[A-Za-z0-9._-]+",
     gguf_type="|".join(ifconfig.load_schema()["$defs"]["gguf_type"]["enum"]),
@@ -39,7 +46,7 @@ wildcard_constraints:
 
 def run_paths(run):
     r = RUNS[run]
-    return {"model": r["model_key"], "template": r["template_key"]}
+    return {"data": r["data_key"], "model": r["model_key"], "template": r["template_key"]}
 
 
 def get_template(wildcards):
@@ -54,17 +61,32 @@ def get_render_model(wildcards):
 
 
 def from_run(pattern):
-    """An input function: ``pattern`` (a path with {model} and {template}) filled in for the run's
-    model and template, so a run reads the shared upstream outputs it needs (and the job's own wildcards)."""
+    """An input function: ``pattern`` (a path with {data}, {model} and {template}) filled in for the run's
+    data, model and template, so a run reads the shared upstream outputs it needs (and the job's own wildcards)."""
     return lambda wildcards: pattern.format(**dict(wildcards.items()), **run_paths(wildcards.run))
 
 
 def get_train_settings(wildcards):
     """Everything that changes the trained weights, as one JSON string: a tracked param, so editing
-    any training setting of a run reruns that run's train, evaluate and report only."""
+    any training setting of a run (the sources' weights among them) reruns that run's train, evaluate
+    and report only."""
     r = RUNS[wildcards.run]
     return shlex.quote(json.dumps({**r["train"], "template_path": r["template_path"],
-                                   "trust_remote_code": r["model"]["trust_remote_code"]}, sort_keys=True))
+                                   "trust_remote_code": r["model"]["trust_remote_code"],
+                                   "source_weights": {s["name"]: s["weight"] for s in r["data"]["sources"]}},
+                                  sort_keys=True))
+
+
+def get_clean_options(wildcards):
+    """The clean stage's options for a data key: its sources without their weights, which only training
+    uses (so a new weight never reruns clean), and how to clean them."""
+    data = DATA[wildcards.data]
+    return json_option({**{k: data[k] for k in ifconfig.CLEAN_KEYS},
+                        "sources": [{k: v for k, v in s.items() if k != "weight"} for s in data["sources"]]})
+
+
+def get_data_files(wildcards):
+    return [source["path"] for source in DATA[wildcards.data]["sources"]]
 
 
 def get_run_template(wildcards):
@@ -100,9 +122,9 @@ def get_test_sets(wildcards, input):
 
 
 def compared_settings():
-    """compare_runs' --settings option: run -> the settings that make it (model, template, train, export); the
-    page shows those in which the runs differ. A param, so a changed setting rewrites the page."""
-    keys = ("model", "template", "train", "export")
+    """compare_runs' --settings option: run -> the settings that make it (data, model, template, train,
+    export); the page shows those in which the runs differ. A param, so a changed setting rewrites the page."""
+    keys = ("data", "model", "template", "train", "export")
     return json_option({run: {key: r[key] for key in keys} for run, r in RUNS.items()})
 
 

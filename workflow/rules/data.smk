@@ -1,44 +1,42 @@
 rule clean:
     output:
-        clean="results/data/clean.parquet",
+        clean="results/data/{data}/clean.parquet",
         rejected=report(
-            "results/data/rejected.parquet",
+            "results/data/{data}/rejected.parquet",
             caption="../report/rejected.rst",
             category="Data",
         ),
         report=report(
-            "results/data/clean_report.json",
+            "results/data/{data}/clean_report.json",
             caption="../report/clean_report.rst",
             category="Data",
         ),
     input:
-        data=CONFIG["data"]["path"],
+        data=get_data_files,
         code=code_inputs("clean"),
     params:
-        options=json_option(
-            {k: CONFIG["data"][k] for k in ("columns", "placeholders", "max_chars", "eval_fraction")}
-        ),
+        options=get_clean_options,
     log:
-        "logs/clean.log",
+        "logs/clean/{data}.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
-        "python -m instructflow clean --data {input.data:q} --clean {output.clean:q} --rejected {output.rejected:q}"
+        "python -m instructflow clean --clean {output.clean:q} --rejected {output.rejected:q}"
         " --report {output.report:q} --options {params.options} > {log:q} 2>&1"
 
 
 rule render:
     output:
-        "results/prompts/{model}/{template}.parquet",
+        "results/prompts/{data}/{model}/{template}.parquet",
     input:
-        clean="results/data/clean.parquet",
+        clean="results/data/{data}/clean.parquet",
         template=get_template,
         model=get_render_model,
         code=code_inputs("render"),
     params:
         model=lambda wc, input: f"--model {shlex.quote(input.model)}" if input.model else "",
     log:
-        "logs/render/{model}/{template}.log",
+        "logs/render/{data}/{model}/{template}.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
@@ -48,24 +46,24 @@ rule render:
 
 rule tokenize:
     output:
-        train="results/tokens/{model}/{template}/train.safetensors",
-        eval="results/tokens/{model}/{template}/eval.safetensors",
-        rejected="results/tokens/{model}/{template}/rejected.parquet",
+        train="results/tokens/{data}/{model}/{template}/train.safetensors",
+        eval="results/tokens/{data}/{model}/{template}/eval.safetensors",
+        rejected="results/tokens/{data}/{model}/{template}/rejected.parquet",
         audit=report(
-            "results/tokens/{model}/{template}/audit.json",
+            "results/tokens/{data}/{model}/{template}/audit.json",
             caption="../report/audit.rst",
             category="Data",
         ),
     input:
-        prompts="results/prompts/{model}/{template}.parquet",
+        prompts="results/prompts/{data}/{model}/{template}.parquet",
         model="results/models/{model}",
         code=code_inputs("tokenize"),
     params:
         options=json_option(CONFIG["tokenize"]),
     log:
-        "logs/tokenize/{model}/{template}.log",
+        "logs/tokenize/{data}/{model}/{template}.log",
     benchmark:
-        "benchmarks/tokenize/{model}/{template}.tsv"
+        "benchmarks/tokenize/{data}/{model}/{template}.tsv"
     conda:
         "../../envs/instructflow.yaml"
     shell:
@@ -88,9 +86,9 @@ use rule clean as clean_test_set with:
     params:
         options=lambda wc: json_option({
             **{k: CONFIG["data"][k] for k in ("placeholders", "max_chars")},
-            "columns": TEST_SETS[wc.testset]["columns"],
+            "sources": [{"name": wc.testset, "path": TEST_SETS[wc.testset]["path"],
+                         "columns": TEST_SETS[wc.testset]["columns"], "config_key": f"evaluate.test_sets.{wc.testset}"}],
             "eval_fraction": 1.0,
-            "config_key": f"evaluate.test_sets.{wc.testset}",
         }),
     priority: 50
     log:

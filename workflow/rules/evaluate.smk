@@ -1,18 +1,18 @@
-# The base model is evaluated once per (model, template) and shared by every run that starts from it.
+# The base model is evaluated once per (data, model, template) and shared by every run that starts from it.
 rule evaluate_base:
     output:
-        metrics="results/base_eval/{model}/{template}/metrics.json",
-        samples="results/base_eval/{model}/{template}/samples.parquet",
+        metrics="results/base_eval/{data}/{model}/{template}/metrics.json",
+        samples="results/base_eval/{data}/{model}/{template}/samples.parquet",
     input:
         model="results/models/{model}",
-        examples="results/tokens/{model}/{template}/eval.safetensors",
-        prompts="results/prompts/{model}/{template}.parquet",
+        examples="results/tokens/{data}/{model}/{template}/eval.safetensors",
+        prompts="results/prompts/{data}/{model}/{template}.parquet",
         code=code_inputs("evaluate"),
     params:
         options=json_option(EVALUATE_OPTIONS),
     threads: 2
     log:
-        "logs/evaluate_base/{model}/{template}.log",
+        "logs/evaluate_base/{data}/{model}/{template}.log",
     conda:
         "../../envs/instructflow.yaml"
     shell:
@@ -27,8 +27,8 @@ rule evaluate:
         samples="results/runs/{run}/eval/tuned_samples.parquet",
     input:
         model="results/runs/{run}/model",
-        examples=from_run("results/tokens/{model}/{template}/eval.safetensors"),
-        prompts=from_run("results/prompts/{model}/{template}.parquet"),
+        examples=from_run("results/tokens/{data}/{model}/{template}/eval.safetensors"),
+        prompts=from_run("results/prompts/{data}/{model}/{template}.parquet"),
         code=code_inputs("evaluate"),
     params:
         options=json_option(EVALUATE_OPTIONS),
@@ -58,8 +58,8 @@ rule compare:
             subcategory="{run}",
         ),
     input:
-        base=from_run("results/base_eval/{model}/{template}/metrics.json"),
-        base_samples=from_run("results/base_eval/{model}/{template}/samples.parquet"),
+        base=from_run("results/base_eval/{data}/{model}/{template}/metrics.json"),
+        base_samples=from_run("results/base_eval/{data}/{model}/{template}/samples.parquet"),
         tuned="results/runs/{run}/eval/tuned.json",
         tuned_samples="results/runs/{run}/eval/tuned_samples.parquet",
         test_sets_base=test_set_files("results/base_eval/{model}/{template}/test_sets/{testset}/metrics.json"),

@@ -17,8 +17,8 @@ rule report:
         summary="results/runs/{run}/train/summary.json",
         eval="results/runs/{run}/eval/metrics.json",
         samples="results/runs/{run}/eval/samples.md",
-        clean="results/data/clean_report.json",
-        audit=from_run("results/tokens/{model}/{template}/audit.json"),
+        clean=from_run("results/data/{data}/clean_report.json"),
+        audit=from_run("results/tokens/{data}/{model}/{template}/audit.json"),
         code=code_inputs("report"),
     log:
         "logs/report/{run}.log",

@@ -14,8 +14,8 @@ rule train:
         summary="results/runs/{run}/train/summary.json",
     input:
         model=from_run("results/models/{model}"),
-        train=from_run("results/tokens/{model}/{template}/train.safetensors"),
-        eval=from_run("results/tokens/{model}/{template}/eval.safetensors"),
+        train=from_run("results/tokens/{data}/{model}/{template}/train.safetensors"),
+        eval=from_run("results/tokens/{data}/{model}/{template}/eval.safetensors"),
         template=get_run_template,
         accelerate_configs=accelerate_configs(),
         code=code_inputs("train"),
