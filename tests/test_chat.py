@@ -58,21 +58,21 @@ def spawn(*args: str) -> pexpect.spawn:
 
 
 def test_answers_stream_and_ctrl_c_stops_only_the_answer(alpaca_model):
-    # "Hello" does not reach EOS in this model for thousands of tokens: only Ctrl-C ends that answer.
+    # "Hi" does not reach EOS in this model for thousands of tokens: only Ctrl-C ends that answer in time.
     child = spawn(str(alpaca_model), "--max-new-tokens", "100000")
     child.expect("each message is a fresh single instruction")
     child.expect_exact(">>> ")
-    child.sendline("Hello")
-    child.expect_exact("Hello")  # the echo
+    child.sendline("Hi")
+    child.expect_exact("Hi")  # the echo
     child.expect(r"\S{8}")  # the answer's first words, printed while it is still being generated
     child.sendintr()
     child.expect_exact("[stopped]")
     child.expect_exact(">>> ")
     # The session goes on: the next message is answered in full (it stops with EOS), as generate answers it.
-    child.sendline("Say hello")
+    child.sendline("Name a colour.")  # its answer stops with EOS within a few dozen tokens
     child.expect_exact(">>> ")
     shown = child.before.replace("\r\n", "\n")
-    assert greedy(alpaca_model, render_prompt(bundled_path("alpaca"), "Say hello"), 400) in shown
+    assert greedy(alpaca_model, render_prompt(bundled_path("alpaca"), "Name a colour."), 400) in shown
     assert "[stopped]" not in shown
     child.sendline("/exit")
     child.expect(pexpect.EOF)
