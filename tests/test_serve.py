@@ -25,7 +25,7 @@ from instructflow.generate import RUN_TEMPLATE
 from instructflow.templates import bundled_path
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Say hello"}]
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"}]
 
 
 @pytest.fixture(scope="module")
