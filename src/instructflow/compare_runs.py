@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .io import atomic_path, read_json, read_jsonl
-from .report import _CSS, EVAL_METRICS, _num, fmt, html_table, write_text
+from .report import _CSS, EVAL_METRICS, _num, fmt, html_table, save_loss_figure, write_text
 
 HELD_OUT = "held_out"  # the column prefix of the held-out split's metrics; a test set's is test_sets.<name>
 BEST_METRIC = "eval_loss"
@@ -181,13 +181,6 @@ def plot_loss_curves(curves: dict[str, dict], out_png, best: str | None) -> dict
             by_tokens = [(p[1], p[2]) for p in points if p[1] is not None]
             if by_tokens:
                 ax_tok.plot(*zip(*by_tokens), color=colours[run], lw=width, **style)
-    ax_step.set_xlabel("optimiser step")
-    ax_tok.set_xlabel("trained tokens")
-    for ax in (ax_step, ax_tok):
-        ax.set_ylabel("loss (mean CE per response token)")
-        ax.grid(True, alpha=0.3)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if ax_step.lines:
         handles, _ = ax_step.get_legend_handles_labels()
         styles = [Line2D([], [], color="grey", ls="-", label="train loss")]
@@ -195,12 +188,7 @@ def plot_loss_curves(curves: dict[str, dict], out_png, best: str | None) -> dict
             styles.append(Line2D([], [], color="grey", ls="--", marker="o", ms=4, label="eval loss"))
         # Right of the plots, so no curve is hidden however many runs there are.
         ax_tok.legend(handles=handles + styles, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
-    ax_step.set_title("Loss vs step")
-    ax_tok.set_title("Loss vs trained tokens")
-    fig.suptitle("Loss curves of all runs")
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
+    save_loss_figure(fig, ax_step, ax_tok, "Loss curves of all runs", out_png)
     return counts
 
 

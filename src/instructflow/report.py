@@ -208,23 +208,29 @@ def plot_loss(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> d
     for name, line in lines.items():
         counts[name] = len(line.get_xdata())
 
+    for ax in (ax_step, ax_tok):
+        if ax.lines:
+            ax.legend()
+    save_loss_figure(fig, ax_step, ax_tok, "Training and held-out loss" if held_out else "Training loss", out_png)
+    return counts
+
+
+def save_loss_figure(fig, ax_step, ax_tok, title: str, out_png) -> None:
+    """Label the loss-vs-step and loss-vs-tokens panels (a run's loss.png, compare_runs' curves of all runs),
+    say "no data" on an empty one, and write the figure atomically."""
     ax_step.set_xlabel("optimiser step")
     ax_tok.set_xlabel("trained tokens")
     for ax in (ax_step, ax_tok):
         ax.set_ylabel("loss (mean CE per response token)")
         ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend()
-        else:
+        if not ax.lines:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     ax_step.set_title("Loss vs step")
     ax_tok.set_title("Loss vs trained tokens")
-    fig.suptitle("Training and held-out loss" if held_out else "Training loss")
+    fig.suptitle(title)
     fig.tight_layout()
-
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-    return counts
 
 
 # --------------------------------------------------------------------------------------- report
