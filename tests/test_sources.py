@@ -312,7 +312,7 @@ def test_workflow_trains_on_two_weighted_sources_and_a_new_weight_reruns_trainin
 
     write_config(0.5)
     rules = {rule for rule, _ in planned_jobs(code, work)}
-    assert rules == {"train", "evaluate", "compare", "report"}, rules
+    assert rules == {"train", "evaluate", "compare", "report", "compare_runs"}, rules  # compare_runs shows the weight
 
     # Runs on their own data: one more clean, render and tokenize for the two runs that share it, none for
     # the run on data's (already done); each run trains on its own data's tokens.
