@@ -114,3 +114,16 @@ def test_the_24_gib_lines_come_from_the_stored_runs():
     # 3 GiB peak over 1 M parameters: 3221 bytes each; 24 GiB / that = 8 M parameters = 0.0 B.
     assert "bf16 CPU, instructflow full, qwen2.5-0.5b: measured peak 3.00 GiB (3221.2 bytes per parameter)" in filled
     assert fill_fits("no markers\n", {}) == "no markers\n"
+
+
+def test_a_system_reports_its_own_peak_rss_not_its_parents():
+    """ru_maxrss survives exec: a child of a process holding 1 GiB would report >= 1 GiB (its own: ~0.2 GiB, torch)."""
+    import subprocess
+
+    child = ("import sys; sys.path.insert(0, %r); from bench.common import peak_rss_mib; print(peak_rss_mib())"
+             % str(Path(__file__).resolve().parents[1]))
+    held = bytearray(2**30)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page
+    peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    assert peak < 700, peak
+    del held
