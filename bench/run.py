@@ -154,7 +154,7 @@ def summarise(results: dict, peaks: dict, warm: int) -> dict:
                       "eval_loss": (r.get("eval") or {}).get("eval_loss")}
     for name, row in rows.items():
         model = name.partition("@")[2]
-        for peer in ("recipe_2023", "trl_packed", "trl"):
+        for peer in ("recipe_2023", "trl_packed", "trl", "trl_lora"):
             other = f"{peer}@{model}" if model else peer
             if other in rows:
                 row[f"x_{peer}_nonpad"] = row["nonpad_tok_s"] / rows[other]["nonpad_tok_s"]
@@ -295,7 +295,7 @@ def big_models(report: dict, rows: dict) -> list[str]:
              f"Random weights in the published configs (bench/models.py), our rows tokenized with the bundled SmolLM2 "
              f"tokenizer (its ids fit both vocabularies); {cfg.get('big_steps', '?')} steps of {cfg.get('big_batch', '?')} "
              f"rows, first {cfg['warm']} untimed; no held-out loss (random weights).", "",
-             f"| system | parameters | precision | non-pad tok/s | × TRL same rows | MFU (6N) | MFU (counted) | {memory} "
+             f"| system | parameters | precision | non-pad tok/s | × TRL (same rows, method) | MFU (6N) | MFU (counted) | {memory} "
              "| bytes / parameter | fits 24 GiB up to (estimate) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
@@ -304,8 +304,9 @@ def big_models(report: dict, rows: dict) -> list[str]:
             lines.append(f"| {label(name)} | failed: {report['results'][name].get('error')} | | | | | | | | |")
             continue
         per_parameter, limit = fits(row)
+        ratio = row.get("x_trl_lora_nonpad" if row["method"] == "lora" else "x_trl_nonpad")
         lines.append(f"| {label(name)} | {row['parameters'] / 1e6:.0f} M | {_precision(row)} | **{row['nonpad_tok_s']:.1f}** "
-                     f"| {_f(row.get('x_trl_nonpad'), '.2f')} | {row['mfu']:.0%} | {_f(row['mfu_counted'], '.0%')} "
+                     f"| {_f(ratio, '.2f')} | {row['mfu']:.0%} | {_f(row['mfu_counted'], '.0%')} "
                      f"| {_memory(row)} | {per_parameter:.1f} | {limit / 1e9:.1f} B |")
     lines += ["", "Parameters: all of the model's (LoRA: the frozen base). Fits 24 GiB: an estimate, 24 GiB divided by "
                   "the measured peak bytes per parameter of that run; weights and optimiser state grow with the "

@@ -127,3 +127,31 @@ def test_a_system_reports_its_own_peak_rss_not_its_parents():
     peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
     assert peak < 700, peak
     del held
+
+
+def test_our_steps_record_the_shapes_the_train_stage_computes(train_examples):
+    """The bench rebuilds our batch plan: every row of a step is computed once, without padding, and
+    sits in exactly one attention call (row groups for the row-by-row attention, the whole packed
+    micro-batch for SDPA over a block-diagonal mask, one call per row for FlashAttention)."""
+    from bench.systems import computed_shapes
+    from instructflow.batching import BatchPlanner
+    from instructflow.config import train_settings
+
+    examples, path = train_examples
+    cfg = {"train": str(path), "ours": {"batch_size": 4, "micro_batch_size": 2}}
+    settings = train_settings(cfg["ours"])
+    planner = BatchPlanner(examples, batch_size=4, micro_batch_size=2, world_size=1, seed=settings["seed"], pack=True)
+    for attention in ("row-by-row (instructflow_segments)", "sdpa", "flash_attention_2"):
+        shapes = computed_shapes(cfg, 3, attention, pack=True)
+        for step, shape in enumerate(shapes):
+            micro = planner.step(step).micro_batches[0]
+            lengths = [int(examples.lengths[r]) for rows in micro for r in rows]
+            assert shape["computed"] == sum(lengths)
+            calls = shape["attention"]
+            if attention == "sdpa":
+                assert calls == [[1, sum(int(examples.lengths[r]) for r in rows)] for rows in micro]
+            else:
+                assert sum(rows for rows, _ in calls) == len(lengths)
+                assert all(width >= min(lengths) for _, width in calls)
+            if attention == "flash_attention_2":
+                assert sorted(width for _, width in calls) == sorted(lengths)
