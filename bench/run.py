@@ -134,13 +134,16 @@ def summarise(results: dict, peaks: dict, warm: int) -> dict:
     for name, r in results.items():
         if name == "generation" or not r or "error" in r:
             continue
-        # The 2023 recipe runs only a handful of its slow steps: one warm-up is enough there.
-        stats = step_stats(r["steps"], 1 if name == "recipe_2023" else warm)
+        # The 2023 recipe runs only a handful of its slow steps: one warm-up is enough there. Each system
+        # keeps the warm-up of the run that measured it (--keep-results mixes runs).
+        skip = 1 if name.startswith("recipe_2023") else r.get("warm", warm)
+        stats = step_stats(r["steps"], skip)
         n = r["parameters"]
         lora = r.get("method", "lora" if "lora" in name else "full") == "lora"
         flops_per_token = (4 if lora else 6) * n
-        peak = peaks["bf16" if r["bf16"] else "fp32"]
-        timed = r["steps"][1 if name == "recipe_2023" else warm:]
+        # Against the peak measured in the run that measured this system (--keep-results mixes runs).
+        peak = r.get("peaks", peaks)["bf16" if r["bf16"] else "fp32"]
+        timed = r["steps"][skip:]
         counted = [counted_flops(r, s) for s in timed]
         rate = statistics.median(f / s["seconds"] for f, s in zip(counted, timed)) if None not in counted else None
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
@@ -227,6 +230,9 @@ def markdown(report: dict) -> str:
         f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps per system "
         f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
     ]
+    if report.get("kept"):
+        lines += ["", f"Measured in two runs: {', '.join(report['kept']['systems'])} on {report['kept']['date']} "
+                      f"(each MFU against that run's peak), the others on {report['date']}."]
     if main:
         lines += [
             "",
@@ -543,7 +549,14 @@ def main(argv: list[str] | None = None) -> None:
     stored = {}
     if args.keep_results and args.docs and args.docs.with_suffix(".json").exists():
         stored = json.loads(args.docs.with_suffix(".json").read_text()).get(this_class, {})
-    results = dict(stored.get("results", {}))
+    if stored and stored["config"]["data"] != data_info:
+        parser.error(f"--keep-results: the stored {this_class} run trained on {stored['config']['data'].get('source')} "
+                     f"({stored['config']['data']['train']['rows']} rows), this one on {data_info['source']} "
+                     f"({data_info['train']['rows']} rows): pass the same --data/--rows, or run without --keep-results")
+    # Stored systems keep the peak and date of the run that measured them.
+    results = {name: {"peaks": {"bf16": stored["peak_bf16_gflops"] * 1e9, "fp32": stored["peak_fp32_gflops"] * 1e9},
+                      "date": stored["date"], "warm": stored["config"]["warm"], **r}
+               for name, r in stored.get("results", {}).items()}
     for name in args.systems:
         model = name.partition("@")[2]
         if model:
@@ -555,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_cfg = {**cfg, "steps": args.recipe_steps if name == "recipe_2023" else args.steps}
         print(f"running {name} ({run_cfg['steps']} steps)...", flush=True)
-        results[name] = run_system(name, run_cfg, out)
+        results[name] = {**run_system(name, run_cfg, out), "peaks": {"bf16": peak_bf16, "fp32": peak_fp32},
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "warm": args.warm}
 
     preprocess = stored.get("preprocess")
     if args.preprocess_rows:
@@ -569,6 +583,9 @@ def main(argv: list[str] | None = None) -> None:
               "config": {**cfg, "steps": args.steps, "recipe_steps": args.recipe_steps, "warm": args.warm,
                          "big_steps": args.big_steps, "big_batch": args.big_batch, "data": data_info},
               "results": results, "preprocess": preprocess, "wall_s": time.perf_counter() - started}
+    kept = [name for name in results if name not in args.systems]
+    if kept:
+        report["kept"] = {"date": stored["date"], "systems": kept}
     report["table"] = table(report)
     text = markdown(report)
     write_json(out / "benchmarks.json", report)

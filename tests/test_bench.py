@@ -155,3 +155,16 @@ def test_our_steps_record_the_shapes_the_train_stage_computes(train_examples):
                 assert all(width >= min(lengths) for _, width in calls)
             if attention == "flash_attention_2":
                 assert sorted(width for _, width in calls) == sorted(lengths)
+
+
+def test_a_kept_system_keeps_its_own_runs_peak_and_warm_up():
+    """--keep-results mixes runs: each system's MFU is against the peak its own run measured, its rates
+    over the steps after its own run's warm-up."""
+    from bench.run import summarise
+
+    result = _report("bf16 CPU", 100.0)["results"]["ours_full"]
+    result = {**result, "steps": [{**result["steps"][0], "seconds": 10.0}] + result["steps"][1:]}
+    now = {"bf16": 1e12, "fp32": 1e12}
+    fresh = summarise({"ours_full": result}, now, warm=0)["ours_full"]
+    kept = summarise({"ours_full": {**result, "peaks": {"bf16": 1e9, "fp32": 1e9}, "warm": 1}}, now, warm=0)["ours_full"]
+    assert abs(kept["mfu"] / fresh["mfu"] - 1000) < 1e-6 and kept["steps_timed"] == 2 and fresh["steps_timed"] == 3
