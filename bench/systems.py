@@ -3,7 +3,9 @@
 Every system trains the same model on the same rows for the same steps and reports, per optimiser
 step, its wall time, the non-pad tokens (prompt + response of the rows it saw) and the trained tokens
 (response tokens that carry a loss), plus its peak RSS and, where asked, the held-out loss of the
-trained model computed by one shared function (instructflow.evaluate.eval_loss).
+trained model computed by one shared function (instructflow.evaluate.eval_loss). For the counted FLOPs
+(bench/flops.py) each step also records what the model ran: ``computed`` positions (padding included),
+``attention`` as [rows, width] per attention call, ``logits`` (positions projected onto the vocabulary).
 """
 
 from __future__ import annotations
@@ -16,6 +18,27 @@ from pathlib import Path
 import torch
 
 from .common import IGNORE_INDEX, peak_rss_mib, write_json
+
+
+def memory(rss_mib: float) -> dict:
+    """Peak RSS, and on a GPU the peak memory torch allocated there (what limits the model size there)."""
+    out = {"peak_rss_mib": rss_mib}
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def model_config(model_dir: str) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def packed_attention(lengths: list[int], implementation: str) -> list[list[int]]:
+    """[rows, width] per attention call for one packed (padding-free) sequence of rows of ``lengths``:
+    FlashAttention's varlen kernels run row by row; SDPA and eager over a block-diagonal mask run the
+    whole packed length at once."""
+    if implementation.startswith("flash"):
+        return [[1, n] for n in lengths]
+    return [[1, sum(lengths)]]
 
 
 # ------------------------------------------------------------------------- transformers Trainer glue
@@ -35,8 +58,9 @@ def _timed_trainer_steps(trainer, counts: list[dict], accumulation: int = 1) -> 
 
     trainer.add_callback(StepTimer())
     trainer.train()
-    per_step = [{k: sum(c[k] for c in counts[i : i + accumulation]) for k in counts[i]}
-                for i in range(0, len(counts), accumulation)]
+    # Counts add up over a step's micro-batches; lists (attention calls) are joined.
+    per_step = [{k: sum((c[k] for c in counts[i : i + accumulation]), [] if isinstance(counts[i][k], list) else 0)
+                 for k in counts[i]} for i in range(0, len(counts), accumulation)]
     return [{"seconds": t, **c} for t, c in zip(times, per_step)]
 
 
@@ -87,8 +111,10 @@ def recipe_2023(cfg: dict) -> dict:
     counts: list[dict] = []
 
     def collate(data):
+        # Every row is computed at its padded 512 positions, attention included, logits at all of them.
+        computed = int(sum(f[0].numel() for f in data))
         counts.append({"nonpad": int(sum(int(f[1].sum()) for f in data)), "trained": int(sum(f[2] for f in data)),
-                       "computed": int(sum(f[0].numel() for f in data))})
+                       "computed": computed, "attention": [[len(data), 512]], "logits": computed})
         return {"input_ids": torch.stack([f[0] for f in data]), "attention_mask": torch.stack([f[1] for f in data]),
                 "labels": torch.stack([f[0] for f in data])}
 
@@ -98,11 +124,12 @@ def recipe_2023(cfg: dict) -> dict:
                              disable_tqdm=True, seed=42)
     trainer = Trainer(model=_load_model(cfg["model"]), args=args, train_dataset=InstructDataset(), data_collator=collate)
     steps = _timed_trainer_steps(trainer, counts)
-    return {"steps": steps, "peak_rss_mib": peak_rss_mib(), "bf16": False,
+    return {"steps": steps, **memory(peak_rss_mib()), "bf16": False, "method": "full",
+            "model_config": model_config(cfg["model"]),
             "parameters": sum(p.numel() for p in trainer.model.parameters())}
 
 
-def trl_sft(cfg: dict, packed: bool) -> dict:
+def trl_sft(cfg: dict, packed: bool, lora: bool = False) -> dict:
     """TRL's SFTTrainer as its docs recommend for speed: padding-free batches (rows flattened, position
     ids restarting per row), bf16, completion-only loss, gradient checkpointing off; our optimiser and
     learning-rate schedule.
@@ -111,7 +138,8 @@ def trl_sft(cfg: dict, packed: bool) -> dict:
     the same size (its dataset is laid out in our batch plan's order and read sequentially), so the
     held-out losses compare at the same rows, trained tokens and schedule.
     packed=True: the issue's reference setup: its own shuffled rows, BFD-packed into rows of 512 tokens,
-    as many per step as give about the tokens of our step."""
+    as many per step as give about the tokens of our step.
+    lora=True: peft LoRA with our train stage's LoRA settings (rank, alpha, dropout, target modules)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -149,43 +177,79 @@ def trl_sft(cfg: dict, packed: bool) -> dict:
                                   fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=cfg["warmup_steps"], total=cfg["steps"], kind="cosine"))
+    peft_config = None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        settings = ours["lora"]
+        peft_config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                                 target_modules=settings["target_modules"], task_type="CAUSAL_LM")
+        # Wrapped before the optimiser is built, so it steps the adapters only.
+        model = get_peft_model(model, peft_config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["learning_rate"],
+                                      betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, warmup=cfg["warmup_steps"], total=cfg["steps"], kind="cosine"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          optimizers=(optimizer, scheduler))
+    implementation = trainer.model.config._attn_implementation or "sdpa"
     inner = trainer.data_collator
     counts: list[dict] = []
 
     def collate(features):
         batch = inner(features)
         nonpad = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        # Padding-free: one row whose position ids restart at every packed row; logits at every position.
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+        lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+        computed = int(batch["input_ids"].numel())
         counts.append({"nonpad": nonpad, "trained": int((batch["labels"] != IGNORE_INDEX).sum()),
-                       "computed": int(batch["input_ids"].numel())})
+                       "computed": computed, "attention": packed_attention(lengths, implementation),
+                       "logits": computed})
         return batch
 
     trainer.data_collator = collate
     steps = _timed_trainer_steps(trainer, counts, accumulation)
-    rss = peak_rss_mib()
+    used = memory(peak_rss_mib())
     model = trainer.model.eval()
-    loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
-    return {"steps": steps, "peak_rss_mib": rss, "bf16": cfg["bf16"], "eval": loss,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"]) if cfg.get("eval_loss", True) else {}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"steps": steps, **used, "bf16": cfg["bf16"], "eval": loss, "method": "lora" if lora else "full",
+            "model_config": model_config(cfg["model"]), "attention": implementation,
+            "parameters": sum(p.numel() for p in model.parameters() if not lora or not p.requires_grad),
+            "trainable_parameters": trainable}
 
 
-def computed_tokens(cfg: dict, steps: int) -> list[int]:
-    """Positions the train stage ran per step, padding included (packed rows have none): its batch
-    plan is a pure function of (seed, step), so the bench rebuilds it rather than asking the trainer."""
+def computed_shapes(cfg: dict, steps: int, attention: str, pack: bool) -> list[dict]:
+    """Per step, the positions the train stage ran (padding included; packed rows have none) and its
+    attention calls as [rows, width]: its batch plan is a pure function of (seed, step), so the bench
+    rebuilds it rather than asking the trainer. ``attention``, ``pack``: what it trained with (summary.json)."""
     from instructflow.batching import BatchPlanner
     from instructflow.config import train_settings
     from instructflow.examples import Examples
+    from instructflow.kernels.attention import NAME as SEGMENTS, group_rows
 
     settings = train_settings(cfg["ours"])
     examples = Examples.load(cfg["train"])
     lengths = examples.lengths.numpy()
-    pack = settings["advanced"]["packing"]
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], world_size=1, pack=pack,
                            micro_batch_size=settings["micro_batch_size"], seed=settings["seed"])
-    width = (lambda rows: int(lengths[rows].sum())) if pack else \
-        (lambda rows: len(rows) * int(lengths[rows].max()))
-    return [sum(width(rows) for rows in planner.step(i).micro_batches[0]) for i in range(steps)]
+    out = []
+    for i in range(steps):
+        computed, calls = 0, []
+        for rows in planner.step(i).micro_batches[0]:
+            row_lengths = [int(n) for n in lengths[rows]]
+            if not pack:
+                computed += len(rows) * max(row_lengths)
+                calls.append([len(rows), max(row_lengths)])
+                continue
+            computed += sum(row_lengths)
+            if SEGMENTS in attention:  # row groups padded to their longest row (kernels/attention.py)
+                calls += [[len(group), row_lengths[group[0]]] for group in group_rows(row_lengths)]
+            else:
+                calls += packed_attention(row_lengths, attention)
+        out.append({"computed": computed, "attention": calls})
+    return out
 
 
 def ours(cfg: dict, method: str, **advanced) -> dict:
@@ -205,21 +269,23 @@ def ours(cfg: dict, method: str, **advanced) -> dict:
                 "advanced": {**cfg["ours"].get("advanced", {}), **advanced}}
     summary = train(settings, model_dir=Path(cfg["model"]), train_path=Path(cfg["train"]), out_dir=work / "model",
                     metrics_path=work / "metrics.jsonl", summary_path=work / "summary.json", workdir=work / "ckpt")
-    rss = peak_rss_mib()
+    used = memory(peak_rss_mib())
     log = read_jsonl(work / "metrics.jsonl")
     steps, prev = [], {"elapsed_s": 0.0, "tokens": 0, "trained_tokens": 0}
-    computed = computed_tokens(cfg, len(log))
-    for rec, positions in zip(log, computed):
+    # The fast path builds logits only where a label is predicted (loss.py); the plain path's model all.
+    labelled_logits = summary["loss"] != "model logits"
+    for rec, shapes in zip(log, computed_shapes(cfg, len(log), summary["attention"], summary["packing"])):
+        trained = rec["trained_tokens"] - prev["trained_tokens"]
         steps.append({"seconds": rec["elapsed_s"] - prev["elapsed_s"], "nonpad": rec["tokens"] - prev["tokens"],
-                      "trained": rec["trained_tokens"] - prev["trained_tokens"], "computed": positions})
+                      "trained": trained, **shapes, "logits": trained if labelled_logits else shapes["computed"]})
         prev = rec
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
-    loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"])
-    return {"steps": steps, "peak_rss_mib": rss, "bf16": summary["precision"] == "bf16", "eval": loss,
-            "precision_mode": summary["precision_mode"], "path": summary["path"],
-            "allocator": summary.get("allocator", "default"),
+    loss = eval_loss(model, Examples.load(cfg["eval"]), use_bf16=cfg["bf16"]) if cfg.get("eval_loss", True) else {}
+    return {"steps": steps, **used, "bf16": summary["precision"] == "bf16", "eval": loss, "method": method,
+            "precision_mode": summary["precision_mode"], "path": summary["path"], "attention": summary["attention"],
+            "allocator": summary.get("allocator", "default"), "model_config": model_config(cfg["model"]),
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": summary["trainable_parameters"]}
 
@@ -257,6 +323,7 @@ SYSTEMS = {
     "ours_full_unfused": lambda cfg: ours(cfg, "full", fused_kernels=False),
     "ours_full_plain": lambda cfg: ours(cfg, "full", fast_path=False),
     "ours_lora": lambda cfg: ours(cfg, "lora"),
+    "trl_lora": lambda cfg: trl_sft(cfg, packed=False, lora=True),
     "generation": generation,
 }
 

@@ -22,3 +22,149 @@ def test_this_machine_is_classed_by_its_own_flags():
     _, flags, kind = cpu_info(text)
     assert (kind == "bf16 CPU") == ("avx512_bf16" in text.split() or "amx_bf16" in text.split())
     assert set(flags) <= set(text.split())
+
+
+# ----------------------------------------------------------------------------- FLOPs a step computes
+from bench.flops import decoder_linear_parameters, step_flops  # noqa: E402
+
+TINY = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 32}
+
+
+def test_step_flops_by_hand():
+    # Per layer: q, o 8x8 each, k, v 8x4 each (1 key/value head of 4), gate/up/down 8x16 each: 576.
+    assert decoder_linear_parameters(TINY) == 2 * 576
+    # 10 positions in rows of 5 and 5 (one group), logits at 4 of them.
+    linear = 2 * 1152 * 10 * 3
+    attention = (2 * 5 * 5) * 2 * 2 * 2 * 4 * 2 * 3  # rows*width^2, QK^T + PV, 2 FLOPs, heads, head_dim, layers, fwd+bwd
+    head = 2 * 8 * 32 * 4 * 3
+    assert step_flops(TINY, positions=10, attention=[(2, 5)], logit_positions=4) == linear + attention + head
+    # LoRA: the frozen weights and the head get forward + input gradient only; adapters the full 6 x.
+    lora = step_flops(TINY, positions=10, attention=[(2, 5)], logit_positions=4, method="lora", adapter_parameters=7)
+    assert lora == linear * 2 / 3 + 6 * 7 * 10 + attention + head * 2 / 3
+
+
+def test_step_flops_matches_torch_flop_counter():
+    """A plain transformers model (eager attention: full score matrices), forward + backward of its
+    own loss, which projects every position: the counted FLOPs are what torch counts, within 1%."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 256}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=True, attn_implementation="eager"))
+    ids = torch.randint(0, 256, (3, 24))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counted = step_flops(cfg, positions=3 * 24, attention=[(3, 24)], logit_positions=3 * 24)
+    assert abs(counter.get_total_flops() / counted - 1) < 0.01
+
+
+# ------------------------------------------------------------------- one docs section per machine class
+from bench.run import fill_fits, merge_classes, render_docs  # noqa: E402
+
+
+def _report(kind: str, tok_s: float, gpu: str | None = None) -> dict:
+    """A stored bench report of one system, ``tok_s`` non-pad tokens per second, on a machine of ``kind``."""
+    steps = [{"seconds": 1.0, "nonpad": tok_s, "trained": tok_s / 2, "computed": tok_s,
+              "attention": [[1, int(tok_s)]], "logits": tok_s / 2}] * 3
+    cfg = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "vocab_size": 32}
+    result = {"steps": steps, "peak_rss_mib": 3 * 1024, "bf16": kind != "fp32 CPU", "method": "full",
+              "model_config": cfg, "parameters": 1_000_000, "precision_mode": "bf16-kahan"}
+    if gpu:
+        result["peak_gpu_mib"] = 1024
+    data = {"rows": 10, "mean_tokens": 5.0, "trained_fraction": 0.5}
+    return {"date": "2026-12-04 02:00 UTC", "peak_device": "cpu", "peak_bf16_gflops": 400.0, "peak_fp32_gflops": 100.0,
+            "machine": {"cpu": "Test CPU", "cpu_flags": ["avx2"], "class": kind, "cores": 2, "torch": "2", "gpu": gpu},
+            "config": {"steps": 3, "recipe_steps": 1, "warm": 1, "big_steps": 3, "big_batch": 8,
+                       "data": {"train": data, "source": "test rows"}},
+            "results": {"ours_full": result, "ours_full@qwen2.5-0.5b": result}}
+
+
+def test_a_run_replaces_only_its_own_machine_class():
+    stored = merge_classes({}, _report("bf16 CPU", 300.0))
+    stored = merge_classes(stored, _report("GPU: Test GPU", 5000.0, gpu="Test GPU"))
+    stored = merge_classes(stored, _report("bf16 CPU", 350.0))  # a later run on the bf16 CPU
+    assert sorted(stored) == ["GPU: Test GPU", "bf16 CPU"]
+    text = render_docs(stored, "benchmarks.json")
+    bf16, fp32, gpu = text.index("## bf16 CPU"), text.index("## fp32 CPU"), text.index("## GPU: Test GPU")
+    assert bf16 < fp32 < gpu
+    assert "**350.0**" in text[bf16:fp32] and "**300.0**" not in text
+    assert "Not measured yet" in text[fp32:gpu] and "**5000.0**" in text[gpu:]
+    # No GPU run stored: the GPU section is there and says so.
+    only_cpu = render_docs({"bf16 CPU": stored["bf16 CPU"]}, "benchmarks.json")
+    assert "## GPU\n\nNot measured yet" in only_cpu
+
+
+def test_mfu_is_against_the_peak_of_the_systems_own_precision():
+    fp32 = render_docs({"fp32 CPU": _report("fp32 CPU", 100.0)}, "b.json")
+    bf16 = render_docs({"bf16 CPU": _report("bf16 CPU", 100.0)}, "b.json")
+    # 6 x 1 M parameters x 100 tok/s = 0.6 GFLOP/s: 0.6% of the fp32 peak (100), 0.15% -> 0% of the bf16 peak.
+    assert "| 1% |" in fp32 and "| 0% |" in bf16
+
+
+def test_the_24_gib_lines_come_from_the_stored_runs():
+    text = "intro\n<!-- fits-24gib: filled by make bench from docs/benchmarks.json -->\nold\n<!-- /fits-24gib -->\nend\n"
+    empty = fill_fits(text, {})
+    assert "Not measured yet" in empty and "old" not in empty and empty.endswith("end\n")
+    filled = fill_fits(text, {"bf16 CPU": _report("bf16 CPU", 300.0)})
+    # 3 GiB peak over 1 M parameters: 3221 bytes each; 24 GiB / that = 8 M parameters = 0.0 B.
+    assert "bf16 CPU, instructflow full, qwen2.5-0.5b: measured peak 3.00 GiB (3221.2 bytes per parameter)" in filled
+    assert fill_fits("no markers\n", {}) == "no markers\n"
+
+
+def test_a_system_reports_its_own_peak_rss_not_its_parents():
+    """ru_maxrss survives exec: a child of a process holding 1 GiB would report >= 1 GiB (its own: ~0.2 GiB, torch)."""
+    import subprocess
+
+    child = ("import sys; sys.path.insert(0, %r); from bench.common import peak_rss_mib; print(peak_rss_mib())"
+             % str(Path(__file__).resolve().parents[1]))
+    held = bytearray(2**30)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page
+    peak = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    assert peak < 700, peak
+    del held
+
+
+def test_our_steps_record_the_shapes_the_train_stage_computes(train_examples):
+    """The bench rebuilds our batch plan: every row of a step is computed once, without padding, and
+    sits in exactly one attention call (row groups for the row-by-row attention, the whole packed
+    micro-batch for SDPA over a block-diagonal mask, one call per row for FlashAttention)."""
+    from bench.systems import computed_shapes
+    from instructflow.batching import BatchPlanner
+    from instructflow.config import train_settings
+
+    examples, path = train_examples
+    cfg = {"train": str(path), "ours": {"batch_size": 4, "micro_batch_size": 2}}
+    settings = train_settings(cfg["ours"])
+    planner = BatchPlanner(examples, batch_size=4, micro_batch_size=2, world_size=1, seed=settings["seed"], pack=True)
+    for attention in ("row-by-row (instructflow_segments)", "sdpa", "flash_attention_2"):
+        shapes = computed_shapes(cfg, 3, attention, pack=True)
+        for step, shape in enumerate(shapes):
+            micro = planner.step(step).micro_batches[0]
+            lengths = [int(examples.lengths[r]) for rows in micro for r in rows]
+            assert shape["computed"] == sum(lengths)
+            calls = shape["attention"]
+            if attention == "sdpa":
+                assert calls == [[1, sum(int(examples.lengths[r]) for r in rows)] for rows in micro]
+            else:
+                assert sum(rows for rows, _ in calls) == len(lengths)
+                assert all(width >= min(lengths) for _, width in calls)
+            if attention == "flash_attention_2":
+                assert sorted(width for _, width in calls) == sorted(lengths)
+
+
+def test_a_kept_system_keeps_its_own_runs_peak_and_warm_up():
+    """--keep-results mixes runs: each system's MFU is against the peak its own run measured, its rates
+    over the steps after its own run's warm-up."""
+    from bench.run import summarise
+
+    result = _report("bf16 CPU", 100.0)["results"]["ours_full"]
+    result = {**result, "steps": [{**result["steps"][0], "seconds": 10.0}] + result["steps"][1:]}
+    now = {"bf16": 1e12, "fp32": 1e12}
+    fresh = summarise({"ours_full": result}, now, warm=0)["ours_full"]
+    kept = summarise({"ours_full": {**result, "peaks": {"bf16": 1e9, "fp32": 1e9}, "warm": 1}}, now, warm=0)["ours_full"]
+    assert abs(kept["mfu"] / fresh["mfu"] - 1000) < 1e-6 and kept["steps_timed"] == 2 and fresh["steps_timed"] == 3

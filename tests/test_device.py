@@ -28,3 +28,13 @@ def test_autocast_is_a_no_op_when_disabled():
     with device.autocast("cpu", enabled=False):
         out = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
     assert out.dtype == torch.float32
+
+
+def test_without_cuda_everything_falls_back_to_the_cpu(monkeypatch):
+    """The CUDA-only choices: no GPU means the CPU, no bf16 "on cuda", and never FlashAttention, even
+    with the flash_attn package importable (its kernels are CUDA-only)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name, *a, **k: object())
+    assert device.pick_device() == torch.device("cpu")
+    assert not device.bf16_supported("cuda")
+    assert device.attention_kernel() is None
