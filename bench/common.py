@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from instructflow.device import peak_rss_mib  # noqa: F401  (re-exported for the systems)
+
 IGNORE_INDEX = -100
-
-
-def peak_rss_mib(status: Path = Path("/proc/self/status")) -> float:
-    """This process's peak resident memory. Linux's VmHWM where there is one: ru_maxrss survives exec, so a
-    system started by bench.run would report at least bench.run's own RSS at the time it was started."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def usable_cores() -> int:

@@ -8,8 +8,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import resource
+from pathlib import Path
 
 import torch
+
+
+def peak_rss_mib(status: Path = Path("/proc/self/status")) -> float:
+    """This process's peak resident memory in MiB: Linux's VmHWM where there is one. Not ru_maxrss, which
+    survives fork + exec, so a trainer started by accelerate's launcher (or the bench) would report at least
+    its parent's RSS at the time it was started."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def pick_device() -> torch.device:

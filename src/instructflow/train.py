@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -46,6 +45,7 @@ from safetensors import SafetensorError
 from . import precision as precisions
 from .batching import BatchPlanner, StepPlan, collate, source_plan
 from .checkpoint import CheckpointError, file_sha256, latest_valid, load_checkpoint, save_checkpoint
+from .device import peak_rss_mib
 from .config import train_settings
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
@@ -372,7 +372,7 @@ class Progress:
 
     def summary(self) -> dict:
         return {"trained_tokens": self.trained_tokens, "elapsed_s": round(self.elapsed_s, 2),
-                "trained_tokens_per_s": round(self.trained_tokens_per_s(), 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+                "trained_tokens_per_s": round(self.trained_tokens_per_s(), 2), "peak_rss_mb": round(peak_rss_mib(), 1)}
 
 
 def resume(setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp: str, log) -> Progress:
@@ -474,10 +474,6 @@ def export(setup: TrainingSetup, model_dir: Path, out_dir: Path, settings: dict)
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"cannot write the tuned model to {out_dir}: {err}. Free disk space or fix the "
                             "folder's permissions, then rerun: training resumes from its last checkpoint") from err
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ------------------------------------------------------------------------------------------- train
