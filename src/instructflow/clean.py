@@ -558,6 +558,9 @@ def _after_last_answer(turns: list[dict]) -> int:
 
 
 # --------------------------------------------------------------------------------------------- cleaning
+# The report's counts of chat turns after a kept row's last assistant turn (left out): turns, rows.
+CHAT_COUNTS = ("turns_after_last_assistant_dropped", "rows_with_turns_after_last_assistant")
+
 
 def clean_table(
     df: pd.DataFrame,
@@ -682,8 +685,7 @@ def clean_table(
         "mojibake_repaired": mojibake_repaired,
     }
     if chat:  # kept rows' turns after their last assistant turn: nothing answers them, so they are left out
-        report["turns_after_last_assistant_dropped"] = unanswered_turns
-        report["rows_with_turns_after_last_assistant"] = rows_with_unanswered_turns
+        report.update(zip(CHAT_COUNTS, (unanswered_turns, rows_with_unanswered_turns)))
     return CleanResult(kept=kept_df, rejected=rejected_df, report=report)
 
 
@@ -718,6 +720,9 @@ def clean_sources(tables: list[tuple[dict, pd.DataFrame]], **kwargs) -> CleanRes
     totals = {key: sum(r[key] for r in reports.values())
               for key in ("rows_in", "rows_kept", "rows_rejected", "placeholders_emptied", "mojibake_repaired")}
     assert totals["rows_in"] == totals["rows_kept"] + totals["rows_rejected"] == len(kept_df) + len(rejected_df)
+    for key in CHAT_COUNTS:  # totals of the chat-only counts, where a source holds chats
+        if any(key in r for r in reports.values()):
+            totals[key] = sum(r.get(key, 0) for r in reports.values())
     report = {**totals, "rejected_by_reason": dict(sorted(by_reason.items())),
               "splits": {split: sum(r["splits"][split] for r in reports.values()) for split in ("train", "eval")},
               "sources": reports}
