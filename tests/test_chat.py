@@ -98,20 +98,27 @@ def test_compare_answers_with_the_base_model_then_the_tuned_one(alpaca_model, ti
     assert child.exitstatus == 0
 
 
-def test_a_chat_template_keeps_the_conversation(chat_model):
-    from transformers import AutoTokenizer
-
-    child = spawn(str(chat_model), "--max-new-tokens", "12")
+def two_turns(child, one: str, two: str) -> tuple[str, str]:
+    """Send two messages to a multi-turn chat session and exit; return the first answer and the screen of the
+    second turn."""
     child.expect("multi-turn")
     child.expect_exact(">>> ")
-    child.sendline("Hi")
+    child.sendline(one)
     child.expect_exact(">>> ")
     first = child.before.replace("\r\n", "\n").split("\n")[1]  # after the echo
-    child.sendline("Say hello")
+    child.sendline(two)
     child.expect_exact(">>> ")
     shown = child.before.replace("\r\n", "\n")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+    return first, shown
+
+
+def test_a_chat_template_keeps_the_conversation(chat_model):
+    from transformers import AutoTokenizer
+
+    child = spawn(str(chat_model), "--max-new-tokens", "12")
+    first, shown = two_turns(child, "Hi", "Say hello")
     # The second answer is the model's answer to the whole conversation so far, rendered and tokenized as
     # training did (this chat template writes no end-of-turn token: EOS follows the earlier answer).
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
@@ -138,16 +145,7 @@ def greedy_ids(folder, ids: list[int], max_new_tokens: int) -> str:
 
 def test_a_file_template_with_next_turn_prompts_keeps_the_conversation_and_its_system_prompt(alpaca_model):
     child = spawn(str(alpaca_model), "--max-new-tokens", "12", "--system", "Be brief.")
-    child.expect("multi-turn")
-    child.expect_exact(">>> ")
-    child.sendline("Hi")
-    child.expect_exact(">>> ")
-    first = child.before.replace("\r\n", "\n").split("\n")[1]  # after the echo
-    child.sendline("Say hello")
-    child.expect_exact(">>> ")
-    shown = child.before.replace("\r\n", "\n")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
+    first, shown = two_turns(child, "Hi", "Say hello")
     # The second answer is the model's answer to the conversation so far, rendered and tokenized as training did.
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": first}, {"role": "user", "content": "Say hello"}]
