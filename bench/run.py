@@ -34,6 +34,8 @@ alone); --systems with no names rewrites the docs from the stored JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -81,13 +83,11 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info = {"cpu": cpu, "cpu_flags": flags, "class": f"GPU: {gpu}" if gpu else kind, "cores": usable_cores(),
             "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
-    try:
-        import transformers
-        import trl
+    import transformers
 
-        info.update(transformers=transformers.__version__, trl=trl.__version__)
-    except ImportError:
-        pass
+    info["transformers"] = transformers.__version__
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # trl: only where its systems ran
+        info["trl"] = importlib.metadata.version("trl")
     return info
 
 
@@ -222,7 +222,7 @@ def markdown(report: dict) -> str:
     device = f"{m['gpu']}, host {cpu}" if m.get("gpu") else cpu
     memory = "peak RSS / GPU memory" if m.get("gpu") else "peak RSS"
     lines = [
-        f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', '?')}; "
+        f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', 'not installed in this run')}; "
         f"{report['date']}. Measured matmul peak: bf16 {report['peak_bf16_gflops']:.0f} GFLOP/s, "
         f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}).",
         "",
