@@ -59,6 +59,13 @@ class Examples:
         start = int(self.offsets[i])
         return self.input_ids[start : start + int(self.prompt_lengths[i])]
 
+    def head(self, n: int) -> "Examples":
+        """The first ``n`` rows (all of them where there are fewer), as views of these tensors."""
+        n = min(n, len(self))
+        end = int(self.offsets[n])
+        return Examples(self.input_ids[:end], self.labels[:end], self.offsets[: n + 1], self.prompt_lengths[:n],
+                        self.row[:n], self.metadata, self.source[:n])
+
     @property
     def source_names(self) -> list[str]:
         """The data sources' names, in the order of the source indices (empty where none was recorded)."""

@@ -681,10 +681,7 @@ def load_held_out(settings: dict, eval_path: Path | None) -> Examples | None:
         warnings.warn(f"instructflow: the held-out split {eval_path} has no rows: no held-out loss during training",
                       RuntimeWarning, stacklevel=2)
         return None
-    rows = min(settings["eval_rows"], len(examples))
-    end = int(examples.offsets[rows])
-    return Examples(examples.input_ids[:end], examples.labels[:end], examples.offsets[:rows + 1],
-                    examples.prompt_lengths[:rows], examples.row[:rows], examples.metadata)
+    return examples.head(settings["eval_rows"])
 
 
 def main(argv: list[str] | None = None) -> None:
