@@ -117,6 +117,36 @@ def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
     return result
 
 
+def bench_one(name: str, args: argparse.Namespace, cfg: dict, model_dir: Path, out: Path, run_dir: Path) -> dict:
+    """One run of one system: the default model and steps, or a bigger model (SYSTEM@MODEL, random weights:
+    fewer steps of fewer rows, no held-out loss)."""
+    model = name.partition("@")[2]
+    if model:
+        big_dir = bench_models.build(model, out / "models", model_dir)
+        run_cfg = {**cfg, "model": str(big_dir), "steps": args.big_steps, "eval_loss": False,
+                   "ours": {**cfg["ours"], "batch_size": args.big_batch,
+                            "micro_batch_size": min(args.big_batch, args.micro_batch or args.big_batch)}}
+    else:
+        run_cfg = {**cfg, "steps": args.recipe_steps if name == "recipe_2023" else args.steps}
+    print(f"running {name} ({run_cfg['steps']} steps)...", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return {**run_system(name, run_cfg, run_dir), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def median_run(name: str, measured: list[dict], warm: int) -> dict:
+    """The run with the median non-pad tok/s of a system's repeated runs (--repeat; the lower middle one
+    of an even count), with every run's rate in "repeats"; a single run as it is."""
+    ok = [r for r in measured if "error" not in r and r.get("steps")]
+    if len(measured) == 1 or not ok:
+        return measured[0]
+    skip = 1 if name.startswith("recipe_2023") else warm  # as summarise()
+    rates = [step_stats(r["steps"], skip)["nonpad_tok_s"] for r in ok]
+    order = sorted(range(len(ok)), key=rates.__getitem__)
+    chosen = ok[order[(len(ok) - 1) // 2]]
+    return {**chosen, "repeats": [{"nonpad_tok_s": rate, "date": r["date"]} for rate, r in zip(rates, ok)],
+            "failed_repeats": len(measured) - len(ok)}
+
+
 def counted_flops(result: dict, step: dict) -> float | None:
     """The FLOPs one recorded step computed (bench/flops.py); None for results recorded without shapes."""
     if "attention" not in step or "model_config" not in result:
@@ -251,6 +281,7 @@ def markdown(report: dict) -> str:
     for name, r in report["results"].items():
         if "error" in r and "@" not in name:
             lines.append(f"| {label(name)} | failed: {r['error']} | | | | | | | | | | | |")
+    lines += repeats_line(report["results"], rows)
     lines += [
         "",
         "non-pad tokens: prompt + response tokens of the rows in a step (padding never counts); trained tokens: "
@@ -280,6 +311,22 @@ def markdown(report: dict) -> str:
                       f"one at a time {gen['one_at_a_time_seconds']:.1f} s: **{gen['speedup']:.1f}×** "
                       f"({gen['same_output']}/{gen['prompts']} outputs identical)."]
     return "\n".join(lines) + "\n"
+
+
+def repeats_line(results: dict, rows: dict) -> list[str]:
+    """What --repeat measured: every run's non-pad tok/s and MFU (6N) per repeated system, in run order."""
+    parts = []
+    for name, r in results.items():
+        if len(r.get("repeats", [])) > 1 and name in rows:
+            row = rows[name]
+            runs = " / ".join(f"{x['nonpad_tok_s']:.1f}" for x in r["repeats"])
+            mfus = " / ".join(f"{row['flops_per_token'] * x['nonpad_tok_s'] / row['peak']:.0%}" for x in r["repeats"])
+            failed = f", {r['failed_repeats']} failed" if r.get("failed_repeats") else ""
+            parts.append(f"{label(name)}: {runs} tok/s (MFU 6N {mfus}{failed})")
+    if not parts:
+        return []
+    return ["", "Repeated runs, round-robin (`--repeat`); the table shows each system's median run. Non-pad tok/s of "
+                "every run: " + "; ".join(parts) + "."]
 
 
 def fits(row: dict, budget_gib: float = 24) -> tuple[float, float]:
@@ -488,6 +535,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big-steps", type=int, default=6, help="steps of the SYSTEM@MODEL systems")
     parser.add_argument("--big-batch", type=int, default=8, help="rows per step of the SYSTEM@MODEL systems")
     parser.add_argument("--warm", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every training system this many times, round-robin, and report each one's median run "
+                             "(the spread of the runs beside it)")
     parser.add_argument("--preprocess-rows", type=int, default=100_000)
     parser.add_argument("--micro-batch", type=int, help="train.micro_batch_size for ours (default: the schema's)")
     parser.add_argument("--seed", type=int, help="train.seed for ours, which sets the batch order (TRL on our rows "
@@ -557,19 +607,15 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: {"peaks": {"bf16": stored["peak_bf16_gflops"] * 1e9, "fp32": stored["peak_fp32_gflops"] * 1e9},
                       "date": stored["date"], "warm": stored["config"]["warm"], **r}
                for name, r in stored.get("results", {}).items()}
-    for name in args.systems:
-        model = name.partition("@")[2]
-        if model:
-            # A bigger model, random weights: fewer steps of fewer rows, no held-out loss.
-            big_dir = bench_models.build(model, out / "models", model_dir)
-            run_cfg = {**cfg, "model": str(big_dir), "steps": args.big_steps, "eval_loss": False,
-                       "ours": {**cfg["ours"], "batch_size": args.big_batch,
-                                "micro_batch_size": min(args.big_batch, args.micro_batch or args.big_batch)}}
-        else:
-            run_cfg = {**cfg, "steps": args.recipe_steps if name == "recipe_2023" else args.steps}
-        print(f"running {name} ({run_cfg['steps']} steps)...", flush=True)
-        results[name] = {**run_system(name, run_cfg, out), "peaks": {"bf16": peak_bf16, "fp32": peak_fp32},
-                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "warm": args.warm}
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeat):
+        # Round-robin: every system once, then again, so a slow spell of the machine falls on all of them.
+        for name in (args.systems if rep == 0 else [n for n in args.systems if n != "generation"]):
+            run_dir = out if args.repeat == 1 else out / f"run-{rep + 1}"
+            runs.setdefault(name, []).append(bench_one(name, args, cfg, model_dir, out, run_dir))
+    for name, measured in runs.items():
+        results[name] = {**median_run(name, measured, args.warm), "peaks": {"bf16": peak_bf16, "fp32": peak_fp32},
+                         "warm": args.warm}
 
     preprocess = stored.get("preprocess")
     if args.preprocess_rows:

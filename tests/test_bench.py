@@ -168,3 +168,24 @@ def test_a_kept_system_keeps_its_own_runs_peak_and_warm_up():
     fresh = summarise({"ours_full": result}, now, warm=0)["ours_full"]
     kept = summarise({"ours_full": {**result, "peaks": {"bf16": 1e9, "fp32": 1e9}, "warm": 1}}, now, warm=0)["ours_full"]
     assert abs(kept["mfu"] / fresh["mfu"] - 1000) < 1e-6 and kept["steps_timed"] == 2 and fresh["steps_timed"] == 3
+
+
+def test_repeated_runs_report_the_median_run_and_every_runs_rate():
+    """--repeat: the table shows the run with the median non-pad tok/s; every run's rate and MFU beside it."""
+    from bench.run import markdown, median_run
+
+    base = _report("bf16 CPU", 100.0)
+    step = base["results"]["ours_full"]["steps"][0]
+
+    def run(seconds: float, date: str) -> dict:
+        return {**base["results"]["ours_full"], "steps": [{**step, "seconds": seconds}] * 3, "date": date}
+
+    runs = [run(1.0, "a"), run(4.0, "b"), run(2.0, "c"), {"error": "exit 1", "wall_s": 1.0}]
+    chosen = median_run("ours_full", runs, warm=1)
+    rate = step["nonpad"]
+    assert chosen["date"] == "c" and [x["nonpad_tok_s"] for x in chosen["repeats"]] == [rate, rate / 4, rate / 2]
+    assert chosen["failed_repeats"] == 1
+    assert median_run("ours_full", runs[:1], warm=1) is runs[0]  # one run: as it is
+    text = markdown({**base, "results": {"ours_full": chosen}})
+    assert f"**{rate / 2:.1f}**" in text
+    assert f"instructflow full: {rate:.1f} / {rate / 4:.1f} / {rate / 2:.1f} tok/s" in text and "1 failed" in text
