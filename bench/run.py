@@ -66,6 +66,8 @@ GIB = 2**30
 
 # The CPU flags that decide which precision is fast: native bf16 (AVX-512 BF16, AMX) or fp32 only (AVX2).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# What --fp32 studies record: the variables that keep ATen, oneDNN and MKL to a smaller instruction set.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_info(cpuinfo: str) -> tuple[str, list[str], str]:
@@ -260,9 +262,14 @@ def markdown(report: dict) -> str:
         f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps per system "
         f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
     ]
+    if "fp32_study" in cfg:
+        limits = ", ".join(f"{k}={v}" for k, v in cfg["fp32_study"].items() if v) or "none"
+        lines += ["", f"Study (`--fp32`): every system trained in fp32 on this machine; instruction-set limits: {limits}."]
     if report.get("kept"):
-        lines += ["", f"Measured in two runs: {', '.join(report['kept']['systems'])} on {report['kept']['date']} "
-                      f"(each MFU against that run's peak), the others on {report['date']}."]
+        groups = kept_groups(report["kept"])
+        lines += ["", f"Measured in {len(groups) + 1} runs: "
+                      + "; ".join(f"{', '.join(g['systems'])} on {g['date']}" for g in groups)
+                      + f"; the others on {report['date']} (each MFU against its own run's peak)."]
     if main:
         lines += [
             "",
@@ -327,6 +334,23 @@ def repeats_line(results: dict, rows: dict) -> list[str]:
         return []
     return ["", "Repeated runs, round-robin (`--repeat`); the table shows each system's median run. Non-pad tok/s of "
                 "every run: " + "; ".join(parts) + "."]
+
+
+def kept_groups(kept: dict | list) -> list[dict]:
+    """report["kept"]: a list of {"date", "systems"} (one dict in reports stored before it was a list)."""
+    return [kept] if isinstance(kept, dict) else kept
+
+
+def kept_runs(stored: dict, kept: list[str]) -> list[dict]:
+    """Which earlier run measured each kept system: the run that the stored report had kept it from, or the
+    stored run itself."""
+    groups = []
+    for group in kept_groups(stored.get("kept") or []):
+        names = [name for name in group["systems"] if name in kept]
+        if names:
+            groups.append({"date": group["date"], "systems": names})
+    rest = [name for name in kept if not any(name in g["systems"] for g in groups)]
+    return groups + ([{"date": stored["date"], "systems": rest}] if rest else [])
 
 
 def fits(row: dict, budget_gib: float = 24) -> tuple[float, float]:
@@ -404,8 +428,10 @@ def fits_lines(classes: dict) -> list[str]:
             if "@" in system:
                 per_parameter, limit = fits(row)
                 peak = row["peak_gpu_gib"] if row.get("peak_gpu_gib") is not None else row["peak_rss_gib"]
+                date = next((g["date"] for g in kept_groups(report.get("kept") or []) if system in g["systems"]),
+                            report["date"])
                 lines.append(f"- {name}, {label(system)}: measured peak {peak:.2f} GiB ({per_parameter:.1f} bytes "
-                             f"per parameter): up to ~{limit / 1e9:.1f} B parameters in 24 GiB (estimate, {report['date']}).")
+                             f"per parameter): up to ~{limit / 1e9:.1f} B parameters in 24 GiB (estimate, {date}).")
     return lines or ["- Not measured yet: `make bench` fills this in."]
 
 
@@ -545,6 +571,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", nargs="*", default=list(DEFAULT_SYSTEMS),
                         help=f"any of {', '.join(TRAINERS)}, generation, and SYSTEM@MODEL with MODEL one of "
                              f"{', '.join(bench_models.CONFIGS)}; none: only rewrite --docs from its JSON")
+    parser.add_argument("--fp32", action="store_true",
+                        help="train every system in fp32 even where bf16 is native: a study of what the fast path does "
+                             "in fp32 (with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2, "
+                             "AVX2 kernels only); its figures belong to no machine class, so not with --docs")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the systems, run nothing")
     args = parser.parse_args(argv)
     for name in args.systems:
@@ -553,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                 or base == "generation")):
             parser.error(f"unknown system {name!r}: use one of {', '.join(TRAINERS)}, generation, or SYSTEM@MODEL "
                          f"with MODEL one of {', '.join(bench_models.CONFIGS)}")
+    if args.fp32 and args.docs:
+        parser.error("--fp32 measures a study, not this machine's class: leave out --docs (results go to --out-dir)")
     if args.dry_run:
         print(f"would run: {' '.join(args.systems) or '(nothing: rewrite the docs)'}")
         return
@@ -586,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
                  "source": args.data.name if args.data else f"{args.rows} generated demo rows"}
     print(f"data: {data_info}", flush=True)
 
-    bf16 = bf16_supported(device)
+    bf16 = bf16_supported(device) and not args.fp32
     batch = 16
     cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
@@ -627,11 +659,12 @@ def main(argv: list[str] | None = None) -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "peak_device": device, "peak_bf16_gflops": peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9,
               "config": {**cfg, "steps": args.steps, "recipe_steps": args.recipe_steps, "warm": args.warm,
-                         "big_steps": args.big_steps, "big_batch": args.big_batch, "data": data_info},
+                         "big_steps": args.big_steps, "big_batch": args.big_batch, "data": data_info,
+                         **({"fp32_study": {k: os.environ.get(k) for k in ISA_LIMITS}} if args.fp32 else {})},
               "results": results, "preprocess": preprocess, "wall_s": time.perf_counter() - started}
     kept = [name for name in results if name not in args.systems]
     if kept:
-        report["kept"] = {"date": stored["date"], "systems": kept}
+        report["kept"] = kept_runs(stored, kept)
     report["table"] = table(report)
     text = markdown(report)
     write_json(out / "benchmarks.json", report)

@@ -293,16 +293,15 @@ def ours(cfg: dict, method: str, **advanced) -> dict:
 def generation(cfg: dict) -> dict:
     """Greedy evaluation generation, batched with the KV cache (what evaluate does) against one
     prompt at a time, on the same held-out prompts."""
-    from transformers import AutoModelForCausalLM
-
-    from instructflow.evaluate import generate
+    from instructflow.device import pick_device
+    from instructflow.evaluate import evaluation_model, generate
     from instructflow.examples import Examples
 
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32).eval()
+    model, _ = evaluation_model(cfg["model"], pick_device(), cfg["bf16"])  # as the evaluate stage loads it
     examples = Examples.load(cfg["eval"])
     prompts = [examples.prompt(i) for i in range(min(cfg["gen_prompts"], len(examples)))]
     kw = {"eos_token_ids": [examples.eos_token_id], "pad_token_id": examples.pad_token_id,
-          "max_new_tokens": cfg["gen_new_tokens"], "use_bf16": cfg["bf16"]}
+          "max_new_tokens": cfg["gen_new_tokens"]}
     generate(model, prompts[:2], batch_size=2, **kw)  # warm-up
     batched, batched_s = generate(model, prompts, batch_size=cfg["gen_batch"], **kw)
     single, single_s = generate(model, prompts, batch_size=1, **kw)

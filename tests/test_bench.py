@@ -63,7 +63,7 @@ def test_step_flops_matches_torch_flop_counter():
 
 
 # ------------------------------------------------------------------- one docs section per machine class
-from bench.run import fill_fits, merge_classes, render_docs  # noqa: E402
+from bench.run import fill_fits, markdown, merge_classes, render_docs  # noqa: E402
 
 
 def _report(kind: str, tok_s: float, gpu: str | None = None) -> dict:
@@ -189,3 +189,19 @@ def test_repeated_runs_report_the_median_run_and_every_runs_rate():
     text = markdown({**base, "results": {"ours_full": chosen}})
     assert f"**{rate / 2:.1f}**" in text
     assert f"instructflow full: {rate:.1f} / {rate / 4:.1f} / {rate / 2:.1f} tok/s" in text and "1 failed" in text
+
+
+def test_kept_systems_keep_the_date_of_the_run_that_measured_them():
+    """--keep-results twice: a system kept through both runs keeps the first run's date, not the second's."""
+    from bench.run import kept_runs
+
+    first = {"date": "02:58", "results": {}}
+    second = {"date": "04:23", "kept": kept_runs(first, ["big"])}
+    assert second["kept"] == [{"date": "02:58", "systems": ["big"]}]
+    third = kept_runs(second, ["big", "trl"])
+    assert third == [{"date": "02:58", "systems": ["big"]}, {"date": "04:23", "systems": ["trl"]}]
+    text = markdown({**_report("bf16 CPU", 100.0), "kept": third})
+    assert "Measured in 3 runs: big on 02:58; trl on 04:23; the others on 2026-12-04 02:00 UTC" in text
+    # A report stored before "kept" was a list.
+    assert kept_runs({"date": "04:23", "kept": {"date": "02:58", "systems": ["big", "gone"]}}, ["big"]) == \
+        [{"date": "02:58", "systems": ["big"]}]

