@@ -237,10 +237,16 @@ def _memory(row: dict) -> str:
     return f"{row['peak_rss_gib']:.2f} GiB{gpu}"
 
 
+def gflops_to_flops(report: dict) -> dict:
+    """A report's measured peaks in FLOP/s by precision (bf16: None where the run did not train in bf16)."""
+    bf16 = report["peak_bf16_gflops"]
+    return {"bf16": bf16 and bf16 * 1e9, "fp32": report["peak_fp32_gflops"] * 1e9}
+
+
 def table(report: dict) -> dict:
     """The summary rows of a stored report, from its raw results (so a change of definitions re-renders
     every stored class)."""
-    peaks = {"bf16": report["peak_bf16_gflops"] * 1e9, "fp32": report["peak_fp32_gflops"] * 1e9}
+    peaks = gflops_to_flops(report)
     return summarise(report["results"], peaks, report["config"]["warm"])
 
 
@@ -255,7 +261,7 @@ def markdown(report: dict) -> str:
     memory = "peak RSS / GPU memory" if m.get("gpu") else "peak RSS"
     lines = [
         f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', 'not installed in this run')}; "
-        f"{report['date']}. Measured matmul peak: bf16 {report['peak_bf16_gflops']:.0f} GFLOP/s, "
+        f"{report['date']}. Measured matmul peak: bf16 {_f(report['peak_bf16_gflops'], '.0f')} GFLOP/s, "
         f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}).",
         "",
         f"Data: {cfg['data'].get('source', 'demo rows')}: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
@@ -602,8 +608,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(usable_cores())
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
-    print(f"matmul peak on {device}: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s", flush=True)
+    bf16 = bf16_supported(device) and not args.fp32
+    # bf16's peak only where bf16 trains: without native bf16 its matmuls are emulated (with AVX2 kernels only, the
+    # peak's eleven 2048^3 bf16 matmuls had not finished after 5 minutes).
+    peak_bf16 = matmul_peak(torch.bfloat16, device) if bf16 else None
+    peak_fp32 = matmul_peak(torch.float32, device)
+    print(f"matmul peak on {device}: bf16 {_f(peak_bf16 and peak_bf16 / 1e9, '.0f')} GFLOP/s, "
+          f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s", flush=True)
 
     model_dir = args.model
     if model_dir is None:
@@ -618,7 +629,6 @@ def main(argv: list[str] | None = None) -> None:
                  "source": args.data.name if args.data else f"{args.rows} generated demo rows"}
     print(f"data: {data_info}", flush=True)
 
-    bf16 = bf16_supported(device) and not args.fp32
     batch = 16
     cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
@@ -636,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"({stored['config']['data']['train']['rows']} rows), this one on {data_info['source']} "
                      f"({data_info['train']['rows']} rows): pass the same --data/--rows, or run without --keep-results")
     # Stored systems keep the peak and date of the run that measured them.
-    results = {name: {"peaks": {"bf16": stored["peak_bf16_gflops"] * 1e9, "fp32": stored["peak_fp32_gflops"] * 1e9},
+    results = {name: {"peaks": gflops_to_flops(stored),
                       "date": stored["date"], "warm": stored["config"]["warm"], **r}
                for name, r in stored.get("results", {}).items()}
     runs: dict[str, list[dict]] = {}
@@ -657,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         preprocess = {k: v for k, v in preprocess.items() if not isinstance(v, Path)}
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-              "peak_device": device, "peak_bf16_gflops": peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9,
+              "peak_device": device, "peak_bf16_gflops": peak_bf16 and peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9,
               "config": {**cfg, "steps": args.steps, "recipe_steps": args.recipe_steps, "warm": args.warm,
                          "big_steps": args.big_steps, "big_batch": args.big_batch, "data": data_info,
                          **({"fp32_study": {k: os.environ.get(k) for k in ISA_LIMITS}} if args.fp32 else {})},

@@ -104,6 +104,9 @@ def test_mfu_is_against_the_peak_of_the_systems_own_precision():
     bf16 = render_docs({"bf16 CPU": _report("bf16 CPU", 100.0)}, "b.json")
     # 6 x 1 M parameters x 100 tok/s = 0.6 GFLOP/s: 0.6% of the fp32 peak (100), 0.15% -> 0% of the bf16 peak.
     assert "| 1% |" in fp32 and "| 0% |" in bf16
+    # A run without native bf16 measures no bf16 peak (its matmuls would be emulated): its fp32 rows still render.
+    no_bf16 = render_docs({"fp32 CPU": {**_report("fp32 CPU", 100.0), "peak_bf16_gflops": None}}, "b.json")
+    assert "bf16 — GFLOP/s" in no_bf16 and "| 1% |" in no_bf16
 
 
 def test_the_24_gib_lines_come_from_the_stored_runs():
