@@ -67,7 +67,8 @@ lint: setup
 BENCH_DATA ?=
 bench: setup
 	$(PY) -m pip install -q -r requirements-bench.txt
-	source $(VENV)/bin/activate && nice python -m bench.run --docs docs/benchmarks.md $(if $(BENCH_DATA),--data $(BENCH_DATA))
+	source $(VENV)/bin/activate && nice python -m bench.run --docs docs/benchmarks.md $(if $(BENCH_DATA),--data $(BENCH_DATA)) \
+	  $(if $(BENCH_REPEAT),--repeat $(BENCH_REPEAT))
 
 demo-data: setup
 	$(PY) -m instructflow.demo_data --out resources/demo/instructions.csv
