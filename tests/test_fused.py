@@ -141,3 +141,33 @@ def test_turned_off_nothing_is_compiled():
     finally:
         fused.enable(True)
         fused._functions.remove(fn)
+
+
+@needs_compiler
+def test_kernels_compiled_for_another_instruction_set_are_never_loaded(tmp_path):
+    """A kernel compiled under AVX2 and loaded into an AVX-512 process from inductor's cache corrupted the heap
+    (torch 2.13): each CPU capability compiles into a folder of its own under the default cache; a
+    TORCHINDUCTOR_CACHE_DIR the user set is used as it is."""
+    script = textwrap.dedent("""
+        import os, torch
+        from instructflow.kernels import fused
+        x, w = torch.randn(1, 9, 16), torch.randn(16)
+        out, _ = fused.rms_norm(x, w, 1e-5)
+        with fused.unfused():
+            want, _ = fused.rms_norm(x, w, 1e-5)
+        assert torch.allclose(out, want, atol=1e-5) and fused.report()["rms_norm"] == "compiled"
+        print(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["TMPDIR"] = str(tmp_path)  # inductor's default cache lives in the temporary folder
+
+    def cache_dir(**extra) -> str:
+        proc = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1]
+
+    avx2, native = cache_dir(ATEN_CPU_CAPABILITY="avx2"), cache_dir()
+    assert avx2 != native and "instructflow-avx2-" in avx2
+    assert all(d.startswith(str(tmp_path)) and os.listdir(d) for d in (avx2, native))
+    assert cache_dir(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")

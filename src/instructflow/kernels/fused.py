@@ -58,6 +58,27 @@ def report() -> dict[str, str]:
             "eager" if f.failed or f.calls else "unused" for f in _functions}
 
 
+def separate_cache_by_cpu() -> None:
+    """Keep inductor's compiled kernels apart per CPU instruction set: a kernel that inductor compiled for one
+    (AVX2, say) and later loaded from its cache into a process that vectorises for another (AVX-512) corrupted
+    the heap ("double free or corruption" inside a training step; reproduced with ATEN_CPU_CAPABILITY=avx2,
+    torch 2.13). The default cache folder gets one subfolder per ATen CPU capability and set of CPU flags; a
+    TORCHINDUCTOR_CACHE_DIR the user chose elsewhere is left as it is. (Inductor writes its default folder into
+    that variable the first time it looks for it, so the default counts as not chosen.)"""
+    import hashlib
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ..device import _cpu_flags
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is not None and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    flags = hashlib.sha256(" ".join(sorted(_cpu_flags())).encode()).hexdigest()[:8]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"instructflow-{capability}-{flags}")
+
+
 class _Fused:
     """A function that runs compiled once compiling it has worked, and eagerly if compiling is off or
     failed (the failure is reported once, then the eager form is kept for the rest of the process)."""
@@ -78,6 +99,7 @@ class _Fused:
         if self.compiled is None:
             import torch._inductor.config
 
+            separate_cache_by_cpu()
             if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
                 # These kernels are small: a pool of compile workers takes longer to start than it saves.
                 torch._inductor.config.compile_threads = 1
