@@ -135,14 +135,19 @@ def bench_one(name: str, args: argparse.Namespace, cfg: dict, model_dir: Path, o
     return {**run_system(name, run_cfg, run_dir), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def untimed_steps(name: str, result: dict, warm: int) -> int:
+    """The warm-up steps a system's rates leave out: one for the 2023 recipe, which runs only a handful of its
+    slow steps; else the warm-up of the run that measured it (--keep-results mixes runs), or ``warm``."""
+    return 1 if name.startswith("recipe_2023") else result.get("warm", warm)
+
+
 def median_run(name: str, measured: list[dict], warm: int) -> dict:
     """The run with the median non-pad tok/s of a system's repeated runs (--repeat; the lower middle one
     of an even count), with every run's rate in "repeats"; a single run as it is."""
     ok = [r for r in measured if "error" not in r and r.get("steps")]
     if len(measured) == 1 or not ok:
         return measured[0]
-    skip = 1 if name.startswith("recipe_2023") else warm  # as summarise()
-    rates = [step_stats(r["steps"], skip)["nonpad_tok_s"] for r in ok]
+    rates = [step_stats(r["steps"], untimed_steps(name, r, warm))["nonpad_tok_s"] for r in ok]
     order = sorted(range(len(ok)), key=rates.__getitem__)
     chosen = ok[order[(len(ok) - 1) // 2]]
     return {**chosen, "repeats": [{"nonpad_tok_s": rate, "date": r["date"]} for rate, r in zip(rates, ok)],
@@ -166,9 +171,7 @@ def summarise(results: dict, peaks: dict, warm: int) -> dict:
     for name, r in results.items():
         if name == "generation" or not r or "error" in r:
             continue
-        # The 2023 recipe runs only a handful of its slow steps: one warm-up is enough there. Each system
-        # keeps the warm-up of the run that measured it (--keep-results mixes runs).
-        skip = 1 if name.startswith("recipe_2023") else r.get("warm", warm)
+        skip = untimed_steps(name, r, warm)
         stats = step_stats(r["steps"], skip)
         n = r["parameters"]
         lora = r.get("method", "lora" if "lora" in name else "full") == "lora"

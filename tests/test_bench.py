@@ -175,7 +175,7 @@ def test_a_kept_system_keeps_its_own_runs_peak_and_warm_up():
 
 def test_repeated_runs_report_the_median_run_and_every_runs_rate():
     """--repeat: the table shows the run with the median non-pad tok/s; every run's rate and MFU beside it."""
-    from bench.run import markdown, median_run
+    from bench.run import median_run
 
     base = _report("bf16 CPU", 100.0)
     step = base["results"]["ours_full"]["steps"][0]

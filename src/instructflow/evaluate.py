@@ -127,8 +127,8 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | None = None)
 
 def evaluation_model(model_dir: str | os.PathLike, device: torch.device, bf16: bool):
     """``load_model``, cast to bf16 once where ``bf16``: autocast over fp32 weights converts every weight
-    again at each generated token (a third of generation's time for SmolLM2 on a 2-core CPU). Norms and
-    softmax run in fp32 inside the bf16 model as the training's bf16 model runs them."""
+    again at each generated token (a third of generation's time for SmolLM2 on a 2-core CPU). The numerics
+    are those of the bf16 model that full fine-tuning trains by default (train.advanced.bf16_mode)."""
     model, tokenizer = load_model(model_dir, device)
     if bf16:
         model.to(torch.bfloat16)
