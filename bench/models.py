@@ -15,8 +15,15 @@ import os
 import shutil
 from pathlib import Path
 
-# From the models' config.json on the Hub (HuggingFaceTB/SmolLM2-360M, Qwen/Qwen2.5-0.5B).
+# From the models' config.json on the Hub (HuggingFaceTB/SmolLM2-135M, -360M, Qwen/Qwen2.5-0.5B). smollm2-135m is
+# the default model's shape, for machines that cannot install the bundled GGUF (`bench.run --model-shape`).
 CONFIGS = {
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192, "hidden_act": "silu",
+    },
     "smollm2-360m": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 960,
         "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
@@ -30,6 +37,8 @@ CONFIGS = {
         "max_position_embeddings": 32768, "hidden_act": "silu", "use_sliding_window": False,
     },
 }
+# The bigger models the bench trains besides the default one (SYSTEM@MODEL).
+BIGGER = ("smollm2-360m", "qwen2.5-0.5b")
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
 

