@@ -249,7 +249,7 @@ def computed_shapes(cfg: dict, steps: int, attention: str, pack: bool) -> list[d
                 calls.append([len(rows), max(row_lengths)])
                 continue
             computed += sum(row_lengths)
-            if SEGMENTS in attention:  # row groups padded to their longest row (kernels/attention.py)
+            if SEGMENTS in attention and not attention.startswith("flash"):  # row groups padded to their longest row
                 calls += [[len(group), row_lengths[group[0]]] for group in group_rows(row_lengths)]
             else:
                 calls += packed_attention(row_lengths, attention)

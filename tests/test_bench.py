@@ -144,7 +144,8 @@ def test_our_steps_record_the_shapes_the_train_stage_computes(train_examples):
     cfg = {"train": str(path), "ours": {"batch_size": 4, "micro_batch_size": 2}}
     settings = train_settings(cfg["ours"])
     planner = BatchPlanner(examples, batch_size=4, micro_batch_size=2, world_size=1, seed=settings["seed"], pack=True)
-    for attention in ("row-by-row (instructflow_segments)", "sdpa", "flash_attention_2"):
+    varlen = "flash varlen (torch.nn.attention.varlen, instructflow_segments)"
+    for attention in ("row-by-row (instructflow_segments)", "sdpa", "flash_attention_2", varlen):
         shapes = computed_shapes(cfg, 3, attention, pack=True)
         for step, shape in enumerate(shapes):
             micro = planner.step(step).micro_batches[0]
@@ -156,7 +157,7 @@ def test_our_steps_record_the_shapes_the_train_stage_computes(train_examples):
             else:
                 assert sum(rows for rows, _ in calls) == len(lengths)
                 assert all(width >= min(lengths) for _, width in calls)
-            if attention == "flash_attention_2":
+            if attention in ("flash_attention_2", varlen):
                 assert sorted(width for _, width in calls) == sorted(lengths)
 
 

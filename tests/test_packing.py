@@ -87,3 +87,22 @@ def test_row_groups_cover_every_row_once_with_bounded_length_spread():
         assert longest == max(lengths[i] for i in group)
         assert len(group) == 1 or (longest <= attention.MATMUL_MAX_LENGTH
                                    and longest <= attention.GROUP_LENGTH_RATIO * max(shortest, 1))
+
+
+def test_the_varlen_flash_kernel_is_for_cuda_and_a_cpu_keeps_the_row_by_row_attention():
+    """PyTorch's FlashAttention varlen kernel is CUDA-only: on a CPU its self-test says why without raising, the
+    packed attention is the row-by-row one even in bf16, and a bf16 packed forward never takes the varlen branch
+    (on a GPU the self-test decides; bench/gpu.sh measures it there)."""
+    from instructflow.kernels import _packed_attention
+
+    assert "CUDA only" in attention.use_varlen("cpu")
+    assert str(torch.device("cpu")) not in attention._varlen_ok
+    model = build_model("llama", vocab_size=64, eos_id=1, pad_id=0)
+    assert _packed_attention(model, bf16=True) == "row-by-row (instructflow_segments)"
+    attention._varlen_ok["cpu"] = True  # even where a (wrong) entry says it works, a CPU tensor stays row by row
+    try:
+        q, k, v = (torch.randn(1, h, 9, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
+        out, _ = attention.segment_attention(None, q, k, v, None, **attention.segment_kwargs([4, 5]))
+        assert out.shape == (1, 9, 4, 16)
+    finally:
+        attention._varlen_ok.pop("cpu")

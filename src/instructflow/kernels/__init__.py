@@ -4,8 +4,9 @@ A reader of train.py can skip this package. What training computes is the plain 
 precision.py, modeling.py); what is here computes the same thing faster or in less memory, and each piece is
 checked on the model it is about to serve before it is used:
 
-- attention.py       packed rows run row by row (no block-diagonal mask); checked: packed logits equal
-                     each row's own logits on this model
+- attention.py       packed rows run row by row (no block-diagonal mask), on a GPU in bf16 by PyTorch's
+                     FlashAttention varlen kernel; checked: packed logits equal each row's own logits on
+                     this model, and the varlen kernel against SDPA on this device
 - linear_cross_entropy.py  logits only where a label is, fused with the cross-entropy; checked: the same
                      loss as the plain one on this model
 - kahan.py, master_weights.py  bf16 full fine-tuning: bf16 weights with Kahan-compensated AdamW (without
@@ -49,7 +50,7 @@ def apply(setup, settings: dict, *, longest_row: int):
         why = attention.use_on(model, longest_row)
         if why is None:
             changes.update(packing=True, forward_kwargs=attention.forward_kwargs)
-            applied.update(attention="row-by-row (instructflow_segments)", packing=True)
+            applied.update(attention=_packed_attention(model, setup.precision.autocast), packing=True)
         else:
             how = "packed" if setup.packing else "padded"
             _warn(f"row-by-row attention is not used for {arch}: {why}; it trains with {setup.applied['attention']} "
@@ -70,6 +71,20 @@ def apply(setup, settings: dict, *, longest_row: int):
     # Under autocast the projections' dtypes are autocast's business; lean layers are for a model in its own dtype.
     applied["lean_layers"] = {} if autocast else lean_layers.patch(model)
     return dataclasses.replace(setup, applied=applied, report=report, **changes)
+
+
+def _packed_attention(model, bf16: bool) -> str:
+    """Which kernel runs the packed rows' attention: PyTorch's FlashAttention varlen on a GPU in bf16 where it
+    passes its self-test, else the row-by-row attention."""
+    from . import attention
+
+    device = next(model.parameters()).device
+    if device.type == "cuda" and bf16:
+        why = attention.use_varlen(device)
+        if why is None:
+            return "flash varlen (torch.nn.attention.varlen, instructflow_segments)"
+        _warn(f"PyTorch's varlen FlashAttention is not used: {why}; packed rows run row by row")
+    return "row-by-row (instructflow_segments)"
 
 
 def _precision(model, settings: dict, plain):

@@ -87,7 +87,11 @@ def in_use() -> str:
             low, high = (int(x, 16) for x in fields[0].split("-"))
             if low <= address < high and len(fields) >= 6:
                 name = Path(fields[5]).name
-                return "jemalloc" if "jemalloc" in name else "default" if name.startswith("libc.") else name
+                if "jemalloc" in name:
+                    return "jemalloc"
+                # The C library's, or one linked into the Python executable itself (some builds are).
+                own = name.startswith("libc.") or Path(fields[5]) == Path("/proc/self/exe").resolve()
+                return "default" if own else name
     except (OSError, AttributeError, ValueError):
         pass
     return "default"

@@ -7,7 +7,10 @@ varlen kernels avoid that on a GPU but do not exist on a CPU.
 
 ``segment_attention`` is registered with transformers as the attention implementation
 ``instructflow_segments``. Given ``cu_seq_lens_q`` (the row boundaries, the same keyword FlashAttention's
-varlen path reads) it runs causal attention row by row: rows of similar length are gathered into a
+varlen path reads) it runs causal attention row by row. On a GPU, in bf16, that is one call of PyTorch's own
+FlashAttention varlen kernel (``torch.nn.attention.varlen``, no flash_attn package), once a self-test on this
+device has matched it with SDPA row by row, forward and backward (``use_varlen``). Elsewhere (a CPU, fp32, a torch
+without it, attention dropout): rows of similar length are gathered into a
 small right-padded batch (padding only inside attention, where it is cheap; the linear layers still see
 no padding), short groups use plain matmul + softmax attention, which on a CPU is several times faster
 than the fused SDPA kernel's backward for rows of a few hundred tokens, and long rows use SDPA with
@@ -17,6 +20,7 @@ than the fused SDPA kernel's backward for rows of a few hundred tokens, and long
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -175,12 +179,72 @@ def _layout(bounds: tuple[int, ...], device: torch.device) -> tuple[list[tuple[i
     return shapes, as_index(slot_token), as_index(token_slot)
 
 
+# Devices whose varlen kernel passed the self-test (use_varlen): "cuda:0" -> True/False.
+_varlen_ok: dict[str, bool] = {}
+
+
+def _varlen_causal(query, key, value, cu_seq_lens: torch.Tensor, longest: int, scale: float) -> torch.Tensor:
+    """Causal attention over packed rows by PyTorch's FlashAttention varlen kernel: query [1, H, T, D],
+    key/value [1, Hkv, T, D] -> [1, T, H, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    heads = query.shape[1]
+    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))  # [T, H, D]
+    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scale, window_size=(-1, 0))
+    return out.unsqueeze(0)
+
+
+def use_varlen(device: torch.device | str) -> str | None:
+    """Check once per device that the varlen kernel computes, forward and backward, what SDPA computes row by
+    row in bf16 (grouped-query heads, rows of 1 to 40 tokens); None when it does and will be used, else why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "PyTorch's varlen FlashAttention kernel runs on CUDA only"
+    key = str(device)
+    try:
+        importlib.import_module("torch.nn.attention.varlen")
+    except ImportError:
+        _varlen_ok[key] = False
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    lengths, heads, kv_heads, dim = [7, 1, 40, 18], 4, 2, 64
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, sum(lengths), dim, generator=generator).to(device, torch.bfloat16).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    weight = torch.randn(1, sum(lengths), heads, dim, generator=generator).to(device, torch.bfloat16)
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            kw = segment_kwargs(lengths, device)
+            out = _varlen_causal(q, k, v, kw["cu_seq_lens_q"], kw["max_length_q"], dim**-0.5)
+            got = (out, *torch.autograd.grad((out.float() * weight).sum(), (q, k, v)))
+            rows, start = [], 0
+            for n in lengths:
+                part = slice(start, start + n)
+                rows.append(torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, part], k[:, :, part], v[:, :, part], is_causal=True, enable_gqa=True).transpose(1, 2))
+                start += n
+            ref = torch.cat(rows, dim=1)
+            want = (ref, *torch.autograd.grad((ref.float() * weight).sum(), (q, k, v)))
+        for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, want):
+            error = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+            if not error < 0.02:
+                _varlen_ok[key] = False
+                return f"its {name} differs from SDPA's by {error:.3g} (relative, largest)"
+    except Exception as err:  # noqa: BLE001 - any failure means "keep the row-by-row attention"
+        _varlen_ok[key] = False
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    _varlen_ok[key] = True
+    return None
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
     """transformers attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] ->
     ([B, T, H, D], None)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    longest = kwargs.get("max_length_q")
     for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)
     _calls.append(cu_seq_lens_q is not None)
@@ -190,6 +254,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout and longest is not None
+            and _varlen_ok.get(str(query.device))):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _varlen_causal(query, key, value, cu_seq_lens_q, int(longest), scale), None
     shapes, slot_token, token_slot = _layout(tuple(cu_seq_lens_q.tolist()), query.device)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
