@@ -254,10 +254,14 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout and longest is not None
-            and _varlen_ok.get(str(query.device))):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return _varlen_causal(query, key, value, cu_seq_lens_q, int(longest), scale), None
+    if query.is_cuda and not dropout and longest is not None and _varlen_ok.get(str(query.device)):
+        # Under autocast, rotary embeddings can leave fp32 queries and keys: cast them as autocast casts SDPA's.
+        half = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else \
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        if half is not None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            query, key, value = (t.to(half) for t in (query, key, value))
+            return _varlen_causal(query, key, value, cu_seq_lens_q, int(longest), scale), None
     shapes, slot_token, token_slot = _layout(tuple(cu_seq_lens_q.tolist()), query.device)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
