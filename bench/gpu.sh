@@ -13,6 +13,11 @@
 #     peft, torch-optimi, gguf, jsonschema, trl, datasets, ...) are installed over them into a folder of their own,
 #     without dependencies. BENCH_TOKENIZER: a folder with SmolLM2's tokenizer files; SmolLM2-135M then trains
 #     with random weights of its published shape (bench.run --model-shape), as the bigger models do.
+#     The H200 run in docs/speed.md carried, for its python 3.12 (which had torch, accelerate, pandas, pyarrow):
+#     `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d dir`
+#     of transformers tokenizers peft torch-optimi gguf jsonschema trl datasets (the pinned versions) and
+#     jsonschema-specifications referencing rpds-py dill==0.4.0 multiprocess==0.70.18; tokenizer.json,
+#     tokenizer_config.json and chat_template.jinja of a prepared SmolLM2 folder (bench/out/model) in BENCH_TOKENIZER.
 # Also: BENCH_SYSTEMS="..." (a subset), BENCH_TIMEOUT (seconds per system run, default 240).
 set -euo pipefail
 cd "$(dirname "$0")/.."
