@@ -553,8 +553,10 @@ NOTES = """
   Kahan vs masters (this code): default order 0.9076 vs 0.9095, `--seed 1` 0.9027 vs 0.9051; on the
   bundled demo data with the `make run` recipe (60 steps, seed 42) tuned loss 0.4187 vs 0.4212, peak
   RSS 2.96 vs 3.70 GB, training 169 vs 173 s.
-- On a GPU the same code runs in bf16 and, where flash_attn is installed, FlashAttention-2
-  (its varlen kernels read the same row boundaries), else the row-by-row attention above.
+- On a GPU the same code runs in bf16, and packed rows' attention is one call per layer of PyTorch's own
+  FlashAttention varlen kernel (`torch.nn.attention.varlen`; it reads the same row boundaries), once it
+  has matched SDPA row by row on that device; the row-by-row attention above, made for a CPU, had lost to
+  TRL there (0.84x, docs/speed.md). TRL's rows on a GPU ran on SDPA where no flash-attn was installed.
 """
 
 
