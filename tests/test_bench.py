@@ -256,3 +256,17 @@ def test_a_random_model_of_a_published_shape_keeps_its_vocabulary_and_the_tokeni
     assert (folder / "tokenizer.json").read_text() == "{}" and (folder / "model.safetensors").stat().st_size > 1e6
     assert models.config("smollm2-135m")["hidden_size"] == 576  # the published shape, untouched by tiny
     assert "smollm2-135m" not in models.BIGGER  # the bigger models' systems stay what they were
+
+
+def test_a_lora_row_is_compared_with_trl_lora_where_that_ran():
+    from bench.run import same_rows_ratio
+
+    assert same_rows_ratio({"method": "lora", "x_trl_nonpad": 1.4, "x_trl_lora_nonpad": 1.7}) == 1.7
+    assert same_rows_ratio({"method": "lora", "x_trl_nonpad": 1.4}) == 1.4  # no TRL LoRA run: TRL full
+    assert same_rows_ratio({"method": "full", "x_trl_nonpad": 2.2, "x_trl_lora_nonpad": 2.9}) == 2.2
+    lora = _report("GPU: Test GPU", 300.0, gpu="Test GPU")
+    base = lora["results"]["ours_full"]
+    lora["results"] = {"ours_lora": {**base, "method": "lora", "trainable_parameters": 10},
+                       "trl": base, "trl_lora": {**base, "method": "lora", "steps": [{**base["steps"][0], "seconds": 2.0}] * 3}}
+    row = next(line for line in markdown(lora).splitlines() if line.startswith("| instructflow LoRA |"))
+    assert "| 2.00 |" in row  # 300 tok/s against TRL LoRA's 150, not TRL full's 300
