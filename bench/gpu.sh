@@ -50,11 +50,10 @@ if [ -z "$PY" ]; then
   run python3 -m venv .venv-gpu
   PY=.venv-gpu/bin/python
 fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+SITE=${TMPDIR:-/tmp}/instructflow-gpu-site  # the offline wheels' folder, ahead of the python's own packages
+export PYTHONPATH=$PWD/src${WHEELS:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "${WHEELS:-}" ]; then
-  SITE=${TMPDIR:-/tmp}/instructflow-gpu-site
   run "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH=$PWD/src:$SITE${PYTHONPATH#$PWD/src}
 else
   run "$PY" -m pip install -q --upgrade pip
   run "$PY" -m pip install -q "torch==$TORCH_VERSION"

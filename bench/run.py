@@ -283,7 +283,7 @@ def markdown(report: dict) -> str:
         "",
         f"Data: {cfg['data'].get('source', 'demo rows')}: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
         f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps"
-        f"{' of %d rows' % cfg['ours']['batch_size'] if 'ours' in cfg else ''} per system "
+        f" of {cfg['ours']['batch_size']} rows per system "
         f"(2023 recipe: {cfg['recipe_steps']}, first untimed), first {cfg['warm']} untimed; same lr schedule for TRL and ours.",
     ]
     if cfg.get("model_shape"):
@@ -458,9 +458,9 @@ def fits_lines(classes: dict) -> list[str]:
         if name not in classes:
             continue
         report = classes[name]
+        budget = memory_budget_gib(report)
         for system, row in table(report).items():
             if "@" in system:
-                budget = memory_budget_gib(report)
                 per_parameter, limit = fits(row, budget)
                 peak = row["peak_gpu_gib"] if row.get("peak_gpu_gib") is not None else row["peak_rss_gib"]
                 date = next((g["date"] for g in kept_groups(report.get("kept") or []) if system in g["systems"]),

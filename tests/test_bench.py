@@ -80,6 +80,7 @@ def _report(kind: str, tok_s: float, gpu: str | None = None) -> dict:
     return {"date": "2026-12-04 02:00 UTC", "peak_device": "cpu", "peak_bf16_gflops": 400.0, "peak_fp32_gflops": 100.0,
             "machine": {"cpu": "Test CPU", "cpu_flags": ["avx2"], "class": kind, "cores": 2, "torch": "2", "gpu": gpu},
             "config": {"steps": 3, "recipe_steps": 1, "warm": 1, "big_steps": 3, "big_batch": 8,
+                       "ours": {"batch_size": 16},
                        "data": {"train": data, "source": "test rows"}},
             "results": {"ours_full": result, "ours_full@qwen2.5-0.5b": result}}
 

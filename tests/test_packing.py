@@ -96,13 +96,15 @@ def test_the_varlen_flash_kernel_is_for_cuda_and_a_cpu_keeps_the_row_by_row_atte
     from instructflow.kernels import _packed_attention
 
     assert "CUDA only" in attention.use_varlen("cpu")
-    assert str(torch.device("cpu")) not in attention._varlen_ok
+    assert str(torch.device("cpu")) not in attention._varlen_why
+    # The self-test itself, where the kernel cannot run, says why instead of raising.
+    assert attention._varlen_self_test(torch.device("cpu")).startswith("NotImplementedError")
     model = build_model("llama", vocab_size=64, eos_id=1, pad_id=0)
     assert _packed_attention(model, bf16=True) == "row-by-row (instructflow_segments)"
-    attention._varlen_ok["cpu"] = True  # even where a (wrong) entry says it works, a CPU tensor stays row by row
+    attention._varlen_why["cpu"] = None  # even where a (wrong) entry says it works, a CPU tensor stays row by row
     try:
         q, k, v = (torch.randn(1, h, 9, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
         out, _ = attention.segment_attention(None, q, k, v, None, **attention.segment_kwargs([4, 5]))
         assert out.shape == (1, 9, 4, 16)
     finally:
-        attention._varlen_ok.pop("cpu")
+        attention._varlen_why.pop("cpu")

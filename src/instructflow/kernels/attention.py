@@ -179,8 +179,8 @@ def _layout(bounds: tuple[int, ...], device: torch.device) -> tuple[list[tuple[i
     return shapes, as_index(slot_token), as_index(token_slot)
 
 
-# Devices whose varlen kernel passed the self-test (use_varlen): "cuda:0" -> True/False.
-_varlen_ok: dict[str, bool] = {}
+# Per device ("cuda:0"), what the varlen kernel's self-test found: None where it passed, else why not.
+_varlen_why: dict[str, str | None] = {}
 
 
 def _varlen_causal(query, key, value, cu_seq_lens: torch.Tensor, longest: int, scale: float) -> torch.Tensor:
@@ -197,16 +197,22 @@ def _varlen_causal(query, key, value, cu_seq_lens: torch.Tensor, longest: int, s
 
 
 def use_varlen(device: torch.device | str) -> str | None:
-    """Check once per device that the varlen kernel computes, forward and backward, what SDPA computes row by
-    row in bf16 (grouped-query heads, rows of 1 to 40 tokens); None when it does and will be used, else why not."""
+    """Whether packed rows on ``device`` run on the varlen kernel: None when its self-test there (run once per
+    device) passed, else why not."""
     device = torch.device(device)
     if device.type != "cuda":
         return "PyTorch's varlen FlashAttention kernel runs on CUDA only"
-    key = str(device)
+    if str(device) not in _varlen_why:
+        _varlen_why[str(device)] = _varlen_self_test(device)
+    return _varlen_why[str(device)]
+
+
+def _varlen_self_test(device: torch.device) -> str | None:
+    """Whether the varlen kernel computes, forward and backward, what SDPA computes row by row in bf16
+    (grouped-query heads, rows of 1 to 40 tokens); None when it does, else why not."""
     try:
         importlib.import_module("torch.nn.attention.varlen")
     except ImportError:
-        _varlen_ok[key] = False
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     lengths, heads, kv_heads, dim = [7, 1, 40, 18], 4, 2, 64
     generator = torch.Generator().manual_seed(0)
@@ -229,12 +235,9 @@ def use_varlen(device: torch.device | str) -> str | None:
         for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, want):
             error = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
             if not error < 0.02:
-                _varlen_ok[key] = False
                 return f"its {name} differs from SDPA's by {error:.3g} (relative, largest)"
-    except Exception as err:  # noqa: BLE001 - any failure means "keep the row-by-row attention"
-        _varlen_ok[key] = False
+    except Exception as err:  # noqa: BLE001 - any failure (a shape it got wrong too) keeps the row-by-row attention
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    _varlen_ok[key] = True
     return None
 
 
@@ -254,7 +257,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if query.is_cuda and not dropout and longest is not None and _varlen_ok.get(str(query.device)):
+    passed = _varlen_why.get(str(query.device), "untested") is None
+    if query.is_cuda and passed and not dropout and longest is not None:
         # Under autocast, rotary embeddings can leave fp32 queries and keys: cast them as autocast casts SDPA's.
         half = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else \
             torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
