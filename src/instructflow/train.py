@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 
 from . import precision as precisions
 from .batching import BatchPlanner, StepPlan, collate, source_plan
-from .checkpoint import CheckpointError, file_sha256, latest_valid, load_checkpoint, save_checkpoint
+from .checkpoint import BackgroundWriter, CheckpointError, file_sha256, latest_valid, load_checkpoint
 from .device import peak_rss_mib
 from .config import train_settings
 from .examples import Examples
@@ -396,14 +396,15 @@ def resume(setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp
     return Progress(ckpt["step"], extra["tokens"], extra["trained_tokens"], extra["elapsed_s"], extra["elapsed_s"])
 
 
-def checkpoint(setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp: str, step: int,
-               progress: dict) -> None:
-    """A resumable checkpoint at ``step``; the best step's one (train.export: best) is kept whatever its age."""
+def checkpoint(writer: BackgroundWriter, setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp: str,
+               step: int, progress: dict) -> None:
+    """Start writing a resumable checkpoint at ``step`` (``writer.wait()`` before the weights change); the best
+    step's one (train.export: best) is kept whatever its age."""
     state = setup.precision.state_dict()
     best = held_out.exported_step(step) if held_out.export_best else None
-    save_checkpoint(workdir, step, trainable=state["trainable"], optimizer_state=state["optimizer"],
-                    scheduler_state=scheduler.state_dict(), fingerprint=fp,
-                    extra={**progress, "held_out": held_out.state_dict()}, protect=best)
+    writer.submit(workdir, step, trainable=state["trainable"], optimizer_state=state["optimizer"],
+                  scheduler_state=scheduler.state_dict(), fingerprint=fp,
+                  extra={**progress, "held_out": held_out.state_dict()}, protect=best)
 
 
 def restore_best(setup: TrainingSetup, workdir: Path, fp: str, step: int) -> None:
@@ -569,8 +570,9 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     precision = precisions.resolve(settings["precision"], device)
     torch.manual_seed(settings["seed"])
 
-    # From here on: a signal while the model loads stops after the first step, with its checkpoint.
-    with StopSignals() as stop:
+    # From here on: a signal while the model loads stops after the first step, with its checkpoint. Checkpoints
+    # are written while the next step's gradients are computed; leaving the block waits for the last one.
+    with StopSignals() as stop, BackgroundWriter() as writer:
         examples = Examples.load(train_path)
         check_rows(settings, train_path, examples)
         held_out_examples = load_held_out(settings, eval_path)
@@ -602,6 +604,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
         for step in range(progress.start, total):
             plan = planner.step(step)
             loss, tokens = train_step(setup, wrapped, accelerator, examples, plan)
+            writer.wait()  # a checkpoint still being written reads the weights the optimiser step changes
             grad_norm = optimiser_step(setup, loss, step, settings["max_grad_norm"], workdir)
             window.add(loss, plan.trained_tokens, grad_norm)
             scheduler.step()
@@ -620,7 +623,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             periodic = settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and not last
             if periodic or stopping or held_out.keep_best(done):
                 if accelerator.is_main_process:
-                    checkpoint(setup, scheduler, held_out, workdir, fp, done, progress.extra())
+                    checkpoint(writer, setup, scheduler, held_out, workdir, fp, done, progress.extra())
                 accelerator.wait_for_everyone()
             if held_out.stop_early:  # before a signal's stop: a run resumed past its early stop would train on
                 accelerator.print(f"stopping early after step {done}: {held_out.patience} held-out evaluations "
@@ -628,6 +631,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                 break
             if stopping:
                 bar.close()
+                writer.wait()
                 raise TrainingError(f"stopped by {stop.name()} after step {done} of {total}; checkpoint written "
                                     f"to {workdir / f'step-{done:08d}'}; rerun to resume")
     bar.close()
