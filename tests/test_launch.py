@@ -60,11 +60,11 @@ def test_fast_path_is_read_from_the_settings(tmp_path):
 def test_command_is_accelerate_launch_of_the_worker_module():
     worker = launch.worker_args(settings="{}", model="m dir", train="t", out="o", metrics="x", summary="s", workdir="w")
     cmd = launch.launch_command(worker, run="default", processes=2, env={}, python="/py")
-    assert cmd[:5] == ["/py", "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet"]
+    assert cmd[:4] == ["/py", "-m", "accelerate.commands.launch", "--quiet"]
     assert cmd[cmd.index("--config_file") + 1].endswith("ddp.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "2"
     assert cmd[cmd.index("--main_process_port") + 1] == str(launch.rendezvous_port("default", {}))
-    assert cmd[cmd.index("-m", 4):] == ["-m", "instructflow.train", "--settings", "{}", "--model", "m dir", "--train",
+    assert cmd[cmd.index("-m", 3):] == ["-m", "instructflow.train", "--settings", "{}", "--model", "m dir", "--train",
                                         "t", "--out", "o", "--metrics", "x", "--summary", "s", "--workdir", "w"]
     with pytest.raises(ValueError, match="workdir"):
         launch.worker_args(settings="{}", model="m", train="t", out="o", metrics="x", summary="s")

@@ -77,10 +77,12 @@ def launch_env(threads: int, processes: int, env: Mapping[str, str] | None = Non
 
 def launch_command(worker_args: Sequence[str], *, run: str, processes: int, env: Mapping[str, str] | None = None,
                    config_folder: Path = ACCELERATE_CONFIGS, python: str = sys.executable) -> list[str]:
-    """The ``accelerate launch`` command line, on this interpreter (``python -m accelerate...``), so the
-    workers run in the same environment as the launcher whatever PATH holds."""
+    """The ``accelerate launch`` command line, on this interpreter, so the workers run in the same environment as
+    the launcher whatever PATH holds: ``python -m accelerate.commands.launch`` is what the ``accelerate-launch``
+    entry point runs (``accelerate launch`` through accelerate's CLI module also imports its other commands: 3.4 s
+    against 1.9 s on a 2-core CPU)."""
     # --quiet: a failed worker ends in its own one-line error, not in accelerate's CalledProcessError traceback.
-    return [python, "-m", "accelerate.commands.accelerate_cli", "launch", "--quiet",
+    return [python, "-m", "accelerate.commands.launch", "--quiet",
             "--config_file", str(accelerate_config(processes, config_folder)),
             "--num_processes", str(processes), "--main_process_port", str(rendezvous_port(run, env)),
             "-m", WORKER, *worker_args]
