@@ -116,7 +116,7 @@ def save_checkpoint(folder: Path, step: int, *, trainable: dict[str, torch.Tenso
 
 class BackgroundWriter:
     """Writes one checkpoint at a time in a thread, so the next step's forward and backward passes run while it
-    goes to disk (on a 2-core CPU a checkpoint of SmolLM2-135M with its optimiser state, 1.1 GB, took 5-8 s,
+    goes to disk (on a 2-core CPU a checkpoint of SmolLM2-135M with its optimiser state, 1.1 GB, took 6-10 s,
     mostly waiting for the disk). They read the weights and the optimiser state but never change them: call
     ``wait()`` before anything does (the optimiser step, export). ``wait()`` raises the write's error, if any;
     leaving a ``with`` block waits too, so no checkpoint is left half written behind a finished or failed run."""

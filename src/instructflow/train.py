@@ -397,14 +397,17 @@ def resume(setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp
 
 
 def checkpoint(writer: BackgroundWriter, setup: TrainingSetup, scheduler, held_out: HeldOut, workdir: Path, fp: str,
-               step: int, progress: dict) -> None:
-    """Start writing a resumable checkpoint at ``step`` (``writer.wait()`` before the weights change); the best
-    step's one (train.export: best) is kept whatever its age."""
+               step: int, progress: dict, *, finish: bool) -> None:
+    """Start writing a resumable checkpoint at ``step`` (``writer.wait()`` before the weights change), and with
+    ``finish`` wait for it: before a stop, whose other processes exit after the next barrier and whose launcher
+    then ends this one. The best step's checkpoint (train.export: best) is kept whatever its age."""
     state = setup.precision.state_dict()
     best = held_out.exported_step(step) if held_out.export_best else None
     writer.submit(workdir, step, trainable=state["trainable"], optimizer_state=state["optimizer"],
                   scheduler_state=scheduler.state_dict(), fingerprint=fp,
                   extra={**progress, "held_out": held_out.state_dict()}, protect=best)
+    if finish:
+        writer.wait()
 
 
 def restore_best(setup: TrainingSetup, workdir: Path, fp: str, step: int) -> None:
@@ -623,7 +626,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
             periodic = settings["checkpoint_every"] and done % settings["checkpoint_every"] == 0 and not last
             if periodic or stopping or held_out.keep_best(done):
                 if accelerator.is_main_process:
-                    checkpoint(writer, setup, scheduler, held_out, workdir, fp, done, progress.extra())
+                    checkpoint(writer, setup, scheduler, held_out, workdir, fp, done, progress.extra(), finish=stopping)
                 accelerator.wait_for_everyone()
             if held_out.stop_early:  # before a signal's stop: a run resumed past its early stop would train on
                 accelerator.print(f"stopping early after step {done}: {held_out.patience} held-out evaluations "
@@ -631,7 +634,6 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
                 break
             if stopping:
                 bar.close()
-                writer.wait()
                 raise TrainingError(f"stopped by {stop.name()} after step {done} of {total}; checkpoint written "
                                     f"to {workdir / f'step-{done:08d}'}; rerun to resume")
     bar.close()
