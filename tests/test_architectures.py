@@ -137,3 +137,32 @@ def test_packing_pads_where_the_architecture_would_leak(tiny_model_dir, examples
         setup, messages = _setup(tiny_model_dir(arch), examples, fast=False)
         assert setup.packing is False and setup.applied["packing"] is False
         assert any("packed rows are not exact" in m and arch in m for m in messages), messages
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_packed_rows_may_pass_the_position_limit_only_where_positions_restart(arch, tmp_path, examples):
+    """A packed row longer than the model's positions: rotary models pack it (each source row's positions
+    restart at 0), still each row's own loss; a position table or GPT-Neo's causal buffer pads it instead."""
+    from architectures import tiny_config
+    from conftest import build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from instructflow.modeling import position_limit, positions_are_hard
+
+    examples, _ = examples
+    lengths = [int(examples.lengths[i]) for i in ROWS]
+    limit = max(lengths) + 8  # every row fits alone; the four packed do not
+    assert limit < sum(lengths)
+    tok = build_tokenizer()
+    config = tiny_config(arch, len(tok), tok.eos_token_id, tok.pad_token_id)
+    key = "n_positions" if hasattr(config, "n_positions") else "max_position_embeddings"
+    setattr(config, key, limit)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    setup, _ = _setup(tmp_path, examples, fast=True)
+    bounded = position_limit(setup.model.config) is not None and positions_are_hard(setup.model.config)
+    assert setup.packs(sum(lengths)) == (setup.packing and not bounded), arch
+    alone = sum(_loss(setup, examples, [i], pack=False) for i in ROWS)
+    together = _loss(setup, examples, ROWS, pack=setup.packs(sum(lengths)))
+    assert together == pytest.approx(alone, **TIGHT), (arch, setup.applied)

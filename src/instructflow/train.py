@@ -50,7 +50,7 @@ from .config import train_settings
 from .examples import Examples
 from .io import append_jsonl, read_jsonl, write_json
 from .loss import response_loss_sum
-from .modeling import architecture, load_model, position_limit
+from .modeling import architecture, load_model, position_limit, positions_are_hard
 
 # Keys the workflow passes beside the schema's training settings.
 # Settings from outside the train section: the run's template and model, and data.sources' weights.
@@ -81,7 +81,7 @@ class TrainingSetup:
 
     def packs(self, length: int) -> bool:
         """Whether a micro-batch of this many tokens is packed: where packing is on and the packed row fits
-        the model's position limit (else that micro-batch is padded)."""
+        the model's position table where it has a hard one (else that micro-batch is padded)."""
         return self.packing and (self.max_packed_length is None or length <= self.max_packed_length)
 
     def summary(self) -> dict:
@@ -136,8 +136,11 @@ def plain_setup(model, attention, settings: dict, precision: str) -> TrainingSet
                                 autocast=precision == "bf16")
     applied = {"path": "plain", "architecture": architecture(model), "attention": attention.implementation,
                "packing": packing, "loss": "model logits", "precision_mode": strategy.name}
+    # A packed row's positions restart at every source row, so only a model whose position table (or GPT-Neo's
+    # causal-mask buffer) spans the packed length as a whole caps it; rotary embeddings do not.
+    limit = position_limit(model.config) if positions_are_hard(model.config) else None
     return TrainingSetup(model=model, precision=strategy, packing=packing, applied=applied, loss=response_loss_sum,
-                         max_packed_length=position_limit(model.config))
+                         max_packed_length=limit)
 
 
 def build_setup(settings: dict, model_dir: Path, device, precision: str, longest_row: int) -> TrainingSetup:
