@@ -271,3 +271,21 @@ def test_a_lora_row_is_compared_with_trl_lora_where_that_ran():
                        "trl": base, "trl_lora": {**base, "method": "lora", "steps": [{**base["steps"][0], "seconds": 2.0}] * 3}}
     row = next(line for line in markdown(lora).splitlines() if line.startswith("| instructflow LoRA |"))
     assert "| 2.00 |" in row  # 300 tok/s against TRL LoRA's 150, not TRL full's 300
+
+
+def test_step_profile_times_each_setting_and_shows_where_the_step_goes(tiny_model_dir, tmp_path, capsys):
+    """bench/step_profile.py: one line per setting with its step time and rate, the profiler's table for the first."""
+    import re
+
+    from bench import step_profile
+    from conftest import TEST_DATA
+
+    step_profile.main(["--model", str(tiny_model_dir("llama")), "--data", str(TEST_DATA), "--out", str(tmp_path),
+                       "--batch", "4", "8", "--variant", "no_fused", "--steps", "3", "--warm", "1",
+                       "--profile-steps", "1"])
+    out = capsys.readouterr().out
+    lines = re.findall(r"=== full no_fused batch (\d+): ([\d.]+) s a step, (\d+) non-pad tok/s \(([\d.]+) tokens", out)
+    assert [int(batch) for batch, *_ in lines] == [4, 8]
+    assert all(float(s) > 0 and int(rate) > 0 for _, s, rate, _ in lines)
+    assert float(lines[1][3]) > float(lines[0][3])  # twice the rows, more tokens a step
+    assert "aten::mm" in out and "Self CPU time total" in out and "path: fast" in out
