@@ -48,6 +48,10 @@ def test_environment_splits_threads_and_preloads_the_allocator(monkeypatch):
     assert "LD_PRELOAD" not in launch.launch_env(8, 2, {"PATH": "/bin"}, fast_path=False)
     monkeypatch.setattr(launch.allocator, "preload", lambda env: "")
     assert "LD_PRELOAD" not in launch.launch_env(2, 1, {"LD_PRELOAD": ""})
+    # Several processes: torch's elastic agent waits 300 s, not its 30, for trainers finishing a checkpoint after
+    # SIGTERM (test_faults.py stops two); a value the user set stays.
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"
+    assert launch.launch_env(8, 2, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "45"})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "45"
 
 
 def test_fast_path_is_read_from_the_settings(tmp_path):

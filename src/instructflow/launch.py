@@ -31,6 +31,7 @@ from .kernels import allocator
 
 WORKER = "instructflow.train"
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
+SHUTDOWN_TIMEOUT_S = 300  # how long torch's elastic agent waits for stopping trainers (launch_env)
 WORKER_ARGS = ("settings", "model", "train", "out", "metrics", "summary", "workdir")
 OPTIONAL_WORKER_ARGS = ("eval",)  # the held-out tokens train.eval_every scores
 
@@ -72,6 +73,11 @@ def launch_env(threads: int, processes: int, env: Mapping[str, str] | None = Non
         env["LD_PRELOAD"] = preload
     else:
         env.pop("LD_PRELOAD", None)
+    # Several processes run under torch's elastic agent, which starts each trainer in a session of its own (a signal
+    # to the launcher's process group reaches them only through it): on SIGTERM it passes the signal on and kills
+    # the trainers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, 30 by default, which a large model's checkpoint
+    # can outlast. It gets the time SLURM's warning leaves (profiles/slurm: 120 s) and more.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     return env
 
 
