@@ -155,7 +155,9 @@ def test_packed_rows_may_pass_the_position_limit_only_where_positions_restart(ar
     assert limit < sum(lengths)
     tok = build_tokenizer()
     config = tiny_config(arch, len(tok), tok.eos_token_id, tok.pad_token_id)
-    key = "n_positions" if hasattr(config, "n_positions") else "max_position_embeddings"
+    key = next((k for k in ("n_positions", "max_position_embeddings") if hasattr(config, k)), None)
+    if key is None:
+        pytest.skip(f"{arch} has no position limit (ALiBi): it packs any length")
     setattr(config, key, limit)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)

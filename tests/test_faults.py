@@ -167,9 +167,10 @@ def test_sigint_in_process_stops_after_the_step_and_restores_the_old_handlers(jo
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_to_every_process_of_the_launch_still_ends_in_a_checkpoint(job, tmp_path, processes):
     """What SLURM's warning signal does (test_slurm.py runs the real one): SIGTERM to the launcher, accelerate's
-    launcher and the trainers at once. Only the trainers act; the others wait for them, so none is killed
-    while the checkpoint is written, and the stage's status is the trainers' 1. With two processes (gloo on
-    the CPU) both stop after the same step, and rank 0 writes its checkpoint before either leaves."""
+    launcher and the trainers at once. The trainers act; the launchers wait for them, so none is killed while
+    the checkpoint is written, and the stage's status is the trainers' 1. With two processes (gloo on the CPU)
+    torch's elastic agent passes the signal on and waits (launch.py gives it 300 s), both stop after the same
+    step, and rank 0 writes that step's checkpoint."""
     out = tmp_path / "launched"
     args = train_args(job, out, {**SETTINGS, "max_steps": 100_000, "micro_batch_size": 4 // processes})
     proc = subprocess.Popen([sys.executable, "-m", "instructflow", "train", "--run", f"sigterm-{processes}",
