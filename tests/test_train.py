@@ -280,6 +280,17 @@ def test_fewer_rows_than_one_batch_stops_before_the_model_loads(tmp_path, tiny_m
     assert "train.micro_batch_size" in message and "data.eval_fraction" in message
 
 
+def test_a_batch_that_does_not_split_into_micro_batches_stops_before_the_model_loads(tmp_path, tiny_model_dir,
+                                                                                      train_tokens, monkeypatch):
+    """`instructflow train` run by hand (the workflow's config check says it first): one message, no traceback."""
+    from instructflow import train as train_module
+
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(train_module.TrainingError, match=r"train.batch_size \(6\) must be a multiple of "
+                       r"train.micro_batch_size \(4\) x processes \(1\) = 4: set train.batch_size to 4 or 8"):
+        _train(tmp_path, tiny_model_dir("llama"), train_tokens, batch_size=6, micro_batch_size=4)
+
+
 def test_fingerprint_follows_content_not_timestamps(tmp_path):
     import os
     from types import SimpleNamespace

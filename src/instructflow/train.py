@@ -580,7 +580,7 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     # are written while the next step's gradients are computed; leaving the block waits for the last one.
     with StopSignals() as stop, BackgroundWriter() as writer:
         examples = Examples.load(train_path)
-        check_rows(settings, train_path, examples)
+        check_rows(settings, train_path, examples, world)
         held_out_examples = load_held_out(settings, eval_path)
         # Held-out rows pass through the same attention: the longest of either split decides (a sliding window).
         longest_row = max(int(split.lengths.max()) for split in (examples, held_out_examples) if split is not None)
@@ -658,9 +658,17 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     return summary
 
 
-def check_rows(settings: dict, train_path: Path, examples: Examples) -> None:
-    """Before the model loads (the batch planner would only say so after minutes of loading): at least one batch
-    of rows per epoch, counted with data.sources' weights."""
+def check_rows(settings: dict, train_path: Path, examples: Examples, world: int = 1) -> None:
+    """Before the model loads (the batch planner would only say so after minutes of loading): a batch that splits
+    into micro-batches on every process, and at least one batch of rows per epoch, counted with data.sources'
+    weights. (The workflow's config check says the first too; this is for `instructflow train` run by hand.)"""
+    batch, split = settings["batch_size"], settings["micro_batch_size"] * world
+    if batch % split:
+        below = batch - batch % split
+        choices = f"{below} or {below + split}" if below else f"{split}"
+        raise TrainingError(f"train.batch_size ({batch}) must be a multiple of train.micro_batch_size "
+                            f"({settings['micro_batch_size']}) x processes ({world}) = {split}: set train.batch_size to "
+                            f"{choices}, or change train.micro_batch_size")
     try:
         sources = source_plan(examples, settings.get("source_weights"))
     except ValueError as err:
