@@ -151,7 +151,7 @@ def test_packed_rows_may_pass_the_position_limit_only_where_positions_restart(ar
 
     examples, _ = examples
     lengths = [int(examples.lengths[i]) for i in ROWS]
-    limit = int(examples.lengths.max()) + 8  # every row fits alone (build_setup's longest_row); four packed do not
+    limit = max(lengths) + 8  # every row fits alone; the four packed do not
     assert limit < sum(lengths)
     tok = build_tokenizer()
     config = tiny_config(arch, len(tok), tok.eos_token_id, tok.pad_token_id)
@@ -168,16 +168,3 @@ def test_packed_rows_may_pass_the_position_limit_only_where_positions_restart(ar
     alone = sum(_loss(setup, examples, [i], pack=False) for i in ROWS)
     together = _loss(setup, examples, ROWS, pack=setup.packs(sum(lengths)))
     assert together == pytest.approx(alone, **TIGHT), (arch, setup.applied)
-
-
-def test_rotary_models_keep_the_cap_where_a_row_passes_their_positions():
-    """Dynamic NTK and LongRoPE scale by the longest position in the micro-batch: a row past the limit packed with
-    others would change theirs, so then micro-batches stay within the limit (as every model's did before)."""
-    from architectures import tiny_config
-    from instructflow.train import packed_length_limit
-
-    rotary, table = tiny_config("llama", 100, 1, 2), tiny_config("gpt2", 100, 1, 2)
-    assert packed_length_limit(rotary, longest_row=512) is None
-    assert packed_length_limit(rotary, longest_row=513) == 512
-    assert packed_length_limit(table, longest_row=100) == 512
-    assert packed_length_limit(tiny_config("bloom", 100, 1, 2), longest_row=10_000) is None

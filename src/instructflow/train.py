@@ -124,18 +124,7 @@ def add_lora(model, settings: dict):
                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
 
 
-def packed_length_limit(config, longest_row: int) -> int | None:
-    """The longest packed micro-batch, None for any. A position table (GPT-2, GPT-J, OPT) or GPT-Neo's causal buffer
-    spans the packed row as a whole: its limit caps it. Rotary positions restart at 0 in every packed row, so any
-    length packs while no row passes the limit (dynamic NTK and LongRoPE switch their scaling on by the longest
-    position in the micro-batch, which would then change every row's)."""
-    limit = position_limit(config)
-    if limit is None or (not positions_are_hard(config) and longest_row <= limit):
-        return None
-    return limit
-
-
-def plain_setup(model, attention, settings: dict, precision: str, longest_row: int) -> TrainingSetup:
+def plain_setup(model, attention, settings: dict, precision: str) -> TrainingSetup:
     """Stock modules, the checked attention, torch AdamW (under bf16 autocast for bf16); packed where
     packing is exact for this model, padded otherwise."""
     packing = settings["advanced"]["packing"] and attention.packing
@@ -147,8 +136,11 @@ def plain_setup(model, attention, settings: dict, precision: str, longest_row: i
                                 autocast=precision == "bf16")
     applied = {"path": "plain", "architecture": architecture(model), "attention": attention.implementation,
                "packing": packing, "loss": "model logits", "precision_mode": strategy.name}
+    # A packed row's positions restart at every source row, so only a model whose position table (or GPT-Neo's
+    # causal-mask buffer) spans the packed length as a whole caps it; rotary embeddings do not.
+    limit = position_limit(model.config) if positions_are_hard(model.config) else None
     return TrainingSetup(model=model, precision=strategy, packing=packing, applied=applied, loss=response_loss_sum,
-                         max_packed_length=packed_length_limit(model.config, longest_row))
+                         max_packed_length=limit)
 
 
 def build_setup(settings: dict, model_dir: Path, device, precision: str, longest_row: int) -> TrainingSetup:
@@ -156,7 +148,7 @@ def build_setup(settings: dict, model_dir: Path, device, precision: str, longest
                                   device=device)
     if settings["method"] == "lora":
         model = add_lora(model, settings)
-    setup = plain_setup(model, attention, settings, precision, longest_row)
+    setup = plain_setup(model, attention, settings, precision)
     if settings["advanced"]["fast_path"]:
         from . import kernels
 
