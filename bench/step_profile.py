@@ -65,12 +65,9 @@ def run(model_dir: Path, train_path: Path, *, method: str, batch: int, micro_bat
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    sync()
-    t0 = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         for step in range(steps, steps + profile_steps):
             one(step)
-    wall = time.perf_counter() - t0
     events = prof.key_averages()
     # Kernels only, as the profiler's own "Self CUDA time total" counts them (ops carry their kernels' time too).
     device_us = sum(e.self_device_time_total for e in events
@@ -79,7 +76,7 @@ def run(model_dir: Path, train_path: Path, *, method: str, batch: int, micro_bat
     if trace is not None:
         prof.export_chrome_trace(str(trace))
     return {"seconds": seconds, "tok_s": tok_s, "tokens_per_step": statistics.median(t for _, t in timed),
-            "profiled_wall_s": wall, "device_seconds": device_us / 1e6 / profile_steps if device_us else None,
+            "device_seconds": device_us / 1e6 / profile_steps if device_us else None,
             "launches_per_step": launches / profile_steps, "applied": setup.summary(),
             "by_host": events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
             "by_device": events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)

@@ -29,17 +29,24 @@ class StepPlan:
     trained_tokens: int  # labelled tokens in the whole global batch, for loss normalisation
 
 
+def check_split(batch_size: int, micro_batch_size: int, world_size: int) -> None:
+    """A ValueError, saying what to set, unless a batch splits into micro-batches on every process."""
+    split = micro_batch_size * world_size
+    if batch_size % split:
+        below = batch_size - batch_size % split
+        choices = f"{below} or {below + split}" if below else f"{split}"
+        raise ValueError(f"train.batch_size ({batch_size}) must be a multiple of train.micro_batch_size "
+                         f"({micro_batch_size}) x processes ({world_size}) = {split}: set train.batch_size to "
+                         f"{choices}, or change train.micro_batch_size")
+
+
 class BatchPlanner:
     """``source_weights``: a data source's name -> its weight (data.sources[].weight); None: every source 1.
     The sources are the ones the examples name (Examples.source_names)."""
 
     def __init__(self, examples: Examples, *, batch_size: int, micro_batch_size: int, world_size: int, seed: int,
                  pack: bool = False, source_weights: dict[str, float] | None = None):
-        if batch_size % (micro_batch_size * world_size):
-            raise ValueError(
-                f"train.batch_size ({batch_size}) must be a multiple of train.micro_batch_size "
-                f"({micro_batch_size}) x processes ({world_size})"
-            )
+        check_split(batch_size, micro_batch_size, world_size)
         self.lengths = examples.lengths.numpy()
         self.trained = _trained_per_row(examples)
         self.batch_size, self.micro, self.world, self.seed, self.pack = batch_size, micro_batch_size, world_size, seed, pack

@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import precision as precisions
-from .batching import BatchPlanner, StepPlan, collate, source_plan
+from .batching import BatchPlanner, StepPlan, check_split, collate, source_plan
 from .checkpoint import BackgroundWriter, CheckpointError, file_sha256, latest_valid, load_checkpoint
 from .device import peak_rss_mib
 from .config import train_settings
@@ -658,17 +658,14 @@ def train(settings: dict, *, model_dir: Path, train_path: Path, out_dir: Path, m
     return summary
 
 
-def check_rows(settings: dict, train_path: Path, examples: Examples, world: int = 1) -> None:
+def check_rows(settings: dict, train_path: Path, examples: Examples, world: int) -> None:
     """Before the model loads (the batch planner would only say so after minutes of loading): a batch that splits
     into micro-batches on every process, and at least one batch of rows per epoch, counted with data.sources'
     weights. (The workflow's config check says the first too; this is for `instructflow train` run by hand.)"""
-    batch, split = settings["batch_size"], settings["micro_batch_size"] * world
-    if batch % split:
-        below = batch - batch % split
-        choices = f"{below} or {below + split}" if below else f"{split}"
-        raise TrainingError(f"train.batch_size ({batch}) must be a multiple of train.micro_batch_size "
-                            f"({settings['micro_batch_size']}) x processes ({world}) = {split}: set train.batch_size to "
-                            f"{choices}, or change train.micro_batch_size")
+    try:
+        check_split(settings["batch_size"], settings["micro_batch_size"], world)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
     try:
         sources = source_plan(examples, settings.get("source_weights"))
     except ValueError as err:
