@@ -164,16 +164,19 @@ def swiglu_backward(grad_product: torch.Tensor, gate: torch.Tensor,
 
 
 @_Fused
-def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For logits [rows, vocabulary] and integer targets [rows]: the summed cross-entropy (fp32) and
-    its gradient with respect to the logits, softmax minus one-hot, in the logits' dtype."""
+def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For logits [rows, vocabulary] and integer targets [rows]: the summed cross-entropy (fp32); the
+    logits are overwritten, in place, with their gradient (softmax minus one-hot, in their dtype). In place,
+    so a chunk's logits, written straight into the gradient buffer by the matmul, need no buffer of their
+    own, no fp32 copy of the gradient and no copy into the buffer. The chunked forward of
+    kernels/linear_cross_entropy.py for SmolLM2's 49k vocabulary, 2-core CPU: 32 -> 22 ms per 100 rows in
+    bf16, 65 -> 54 in fp32, the same bits."""
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     loss = (lse - z.gather(1, targets[:, None])).sum()
-    # In place where the eager form would otherwise hold two more fp32 copies of the chunk.
-    grad = (z - lse).exp_()
-    grad.scatter_add_(1, targets[:, None], torch.full_like(lse, -1.0))
-    return loss, grad.to(logits.dtype)
+    target = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
+    logits.copy_((z - lse).exp_().sub_(target.float()))
+    return loss
 
 
 @_Fused

@@ -78,8 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for rows in _row_chunks(h.shape[0]):
-            chunk_loss, grad_logits[rows] = fused.cross_entropy_chunk(h[rows] @ w.T, targets[rows])
-            loss += chunk_loss
+            logits = torch.mm(h[rows], w.T, out=grad_logits[rows])
+            loss += fused.cross_entropy_chunk(logits, targets[rows])  # the logits become their gradient
         ctx.save_for_backward(h, w, grad_logits)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
