@@ -55,9 +55,10 @@ def _final_logit_transform(config):
     return transform
 
 
-# Rows of logits made at once. Training writes them into the gradient buffer, which the compiled kernel
-# overwrites in place; the eager forms (and evaluation) hold fp32 copies of a chunk: 128 x 49k x 4 bytes = 25 MB
-# each. Chunks of 512 rows or all rows at once were no faster in training (docs/speed.md).
+# Rows of logits made at once. Training writes them into the gradient buffer and fused.cross_entropy_chunk
+# overwrites them there; compiled it needs no scratch, its eager form (and evaluation) holds fp32 copies of a
+# chunk: 128 x 49k x 4 bytes = 25 MB each. Chunks of 512 rows or all rows at once were no faster in training
+# (docs/speed.md).
 CHUNK_ROWS = 128
 
 
