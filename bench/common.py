@@ -39,6 +39,28 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int | None = None, r
     return 2 * n**3 / statistics.median(times)
 
 
+class Peaks:
+    """The matmul peak of each precision over a run: measured at the start and again after each system (``measure``),
+    while no system runs. ``best`` is the highest of them: a measurement that another process or a slow spell of
+    a shared machine held down would understate the peak and overstate every MFU against it (one run's start
+    measured 143 GFLOP/s in bf16 where this machine's steady peak was ~420)."""
+
+    def __init__(self, device: str, bf16: bool):
+        self.device, self.samples = device, {"bf16": [], "fp32": []}
+        # bf16's peak only where bf16 trains: without native bf16 its matmuls are emulated (with AVX2 kernels
+        # only, the eleven 2048^3 bf16 matmuls had not finished after 5 minutes).
+        self.precisions = ("bf16", "fp32") if bf16 else ("fp32",)
+        self.measure()
+
+    def measure(self) -> None:
+        for name in self.precisions:
+            self.samples[name].append(matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[name], self.device))
+
+    def best(self) -> dict[str, float | None]:
+        """FLOP/s by precision (None for a precision not measured)."""
+        return {name: max(values) if values else None for name, values in self.samples.items()}
+
+
 def step_stats(steps: list[dict], warm: int) -> dict:
     """Median per-step rates over the steps after the first ``warm``; each step dict has
     seconds, nonpad (tokens of real rows) and trained (tokens with a loss on the response)."""

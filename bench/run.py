@@ -20,8 +20,8 @@ Our systems run on jemalloc where one is found, as the train rule starts them; t
 allocator, as their users start them.
 Definitions: non-pad tokens = prompt + response tokens of the rows a step trained on (what the issue's
 figures count); trained tokens = response tokens carrying a loss. Rates are medians over the steps after
-the warm-up steps. Two utilisations, each against the matmul peak measured at the start of this run in the
-precision the system trains in (bf16 or fp32): MFU (6N) = 6 x parameters x non-pad tok/s (4 x for LoRA,
+the warm-up steps. Two utilisations, each against the matmul peak of this run (the highest of its measurements,
+at the start and after each system) in the precision the system trains in (bf16 or fp32): MFU (6N) = 6 x parameters x non-pad tok/s (4 x for LoRA,
 which computes no weight gradients of the frozen layers); MFU (counted) = the FLOPs each step computed,
 padding included where a system computes on it (bench/flops.py), per second.
 
@@ -50,7 +50,7 @@ from instructflow.kernels import allocator
 
 from . import data as bench_data
 from . import models as bench_models
-from .common import matmul_peak, step_stats, usable_cores, write_json
+from .common import Peaks, step_stats, usable_cores, write_json
 from .flops import step_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,6 +267,15 @@ def table(report: dict) -> dict:
     return summarise(report["results"], peaks, report["config"]["warm"])
 
 
+def _peak_spread(report: dict) -> str:
+    """How many peak measurements the run took and the lowest, where it took more than one."""
+    samples = report.get("peak_samples_gflops", {})
+    if len(samples.get("fp32", [])) < 2:
+        return ""
+    lowest = ", ".join(f"{name} {min(values):.0f}" for name, values in samples.items())
+    return f"; the highest of {len(samples['fp32'])} measurements, the lowest {lowest}"
+
+
 def markdown(report: dict) -> str:
     m, cfg = report["machine"], report["config"]
     rows = table(report)
@@ -279,7 +288,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Machine: {device}; torch {m['torch']}, transformers {m.get('transformers', '?')}, trl {m.get('trl', 'not installed in this run')}; "
         f"{report['date']}. Measured matmul peak: bf16 {_f(report['peak_bf16_gflops'], '.0f')} GFLOP/s, "
-        f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}).",
+        f"fp32 {report['peak_fp32_gflops']:.0f} GFLOP/s ({report['peak_device']}{_peak_spread(report)}).",
         "",
         f"Data: {cfg['data'].get('source', 'demo rows')}: {cfg['data']['train']['rows']} training rows, mean {cfg['data']['train']['mean_tokens']} tokens "
         f"({cfg['data']['train']['trained_fraction']:.0%} of them response tokens); {cfg['steps']} steps"
@@ -648,12 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(usable_cores())
     bf16 = bf16_supported(device) and not args.fp32
-    # bf16's peak only where bf16 trains: without native bf16 its matmuls are emulated (with AVX2 kernels only, the
-    # peak's eleven 2048^3 bf16 matmuls had not finished after 5 minutes).
-    peak_bf16 = matmul_peak(torch.bfloat16, device) if bf16 else None
-    peak_fp32 = matmul_peak(torch.float32, device)
-    print(f"matmul peak on {device}: bf16 {_f(peak_bf16 and peak_bf16 / 1e9, '.0f')} GFLOP/s, "
-          f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s", flush=True)
+    peaks = Peaks(device, bf16)
+    first = peaks.best()
+    print(f"matmul peak on {device}: bf16 {_f(first['bf16'] and first['bf16'] / 1e9, '.0f')} GFLOP/s, "
+          f"fp32 {first['fp32'] / 1e9:.0f} GFLOP/s (measured again after each system; the highest counts)", flush=True)
 
     model_dir = args.model
     if model_dir is None:
@@ -697,9 +704,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in (args.systems if rep == 0 else [n for n in args.systems if n != "generation"]):
             run_dir = out if args.repeat == 1 else out / f"run-{rep + 1}"
             runs.setdefault(name, []).append(bench_one(name, args, cfg, model_dir, out, run_dir))
+            peaks.measure()
+    best = peaks.best()
+    peak_bf16, peak_fp32 = best["bf16"], best["fp32"]
     for name, measured in runs.items():
-        results[name] = {**median_run(name, measured, args.warm), "peaks": {"bf16": peak_bf16, "fp32": peak_fp32},
-                         "warm": args.warm}
+        results[name] = {**median_run(name, measured, args.warm), "peaks": best, "warm": args.warm}
 
     preprocess = stored.get("preprocess")
     if args.preprocess_rows:
@@ -710,6 +719,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "peak_device": device, "peak_bf16_gflops": peak_bf16 and peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9,
+              "peak_samples_gflops": {k: [round(v / 1e9, 1) for v in vs] for k, vs in peaks.samples.items() if vs},
               "config": {**cfg, "steps": args.steps, "recipe_steps": args.recipe_steps, "warm": args.warm,
                          "big_steps": args.big_steps, "big_batch": args.big_batch, "data": data_info,
                          **({"fp32_study": {k: os.environ.get(k) for k in ISA_LIMITS}} if args.fp32 else {})},
