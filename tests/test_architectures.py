@@ -168,3 +168,29 @@ def test_packed_rows_may_pass_the_position_limit_only_where_positions_restart(ar
     alone = sum(_loss(setup, examples, [i], pack=False) for i in ROWS)
     together = _loss(setup, examples, ROWS, pack=setup.packs(sum(lengths)))
     assert together == pytest.approx(alone, **TIGHT), (arch, setup.applied)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_evaluation_runs_the_prompts_once_with_the_same_results_or_says_why_not(arch, tiny_model_dir, examples):
+    """kernels/shared_prefill.py: the loss and the generations from one pass over the prompts equal those of the
+    two passes (fp32); where its check fails, one warning names the architecture and the two passes run."""
+    from instructflow.evaluate import eval_loss, generate, load_model, loss_and_generations
+
+    examples, _ = examples
+    rows = examples.head(7)
+    model, _ = load_model(tiny_model_dir(arch), torch.device("cpu"))
+    kw = dict(eos_token_ids=[rows.eos_token_id], pad_token_id=rows.pad_token_id, max_new_tokens=5, batch_size=3)
+    kernels._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, generated, _ = loss_and_generations(model, rows, 5, **kw)
+    messages = [str(w.message) for w in caught if "runs the prompts twice" in str(w.message)]
+    plain_loss = eval_loss(model, rows, batch_size=3)
+    plain_generated, _ = generate(model, [rows.prompt(i) for i in range(5)], **kw)
+    assert loss["eval_loss"] == pytest.approx(plain_loss["eval_loss"], **TIGHT), (arch, messages)
+    assert (loss["n_loss_tokens"], loss["n_loss_rows"]) == (plain_loss["n_loss_tokens"], plain_loss["n_loss_rows"])
+    assert generated == plain_generated, (arch, messages)
+    assert all(arch_type(arch) in m for m in messages), messages
+    if arch in ("gpt_neo", "llama", "qwen2", "gpt_neox"):  # the 2023 script's family, SmolLM2's and the bench's
+        assert not messages, messages
+    print(arch, "two passes:" if messages else "one pass", *messages)

@@ -319,3 +319,48 @@ def test_bf16_evaluation_casts_the_model_once_and_scores_close_to_fp32(setup):
                                       batch_size=4, max_samples=9, dtype="bfloat16")
     assert metrics["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=0.02)
     assert metrics["n"] == setup["metrics"]["n"] == len(samples)
+
+
+def test_one_pass_over_the_prompts_gives_the_two_passes_results(setup):
+    """kernels/shared_prefill.py: evaluate_model ran the rows it generates for in one pass over their prompts; the
+    loss and the generations are those of eval_loss and generate (fp32). (Every architecture: test_architectures.)"""
+    from instructflow.kernels import shared_prefill
+    from instructflow.evaluate import loss_function
+    from instructflow.loss import response_loss_sum
+
+    model, _ = load_model(setup["model_dir"], torch.device("cpu"))
+    ex = Examples.load(setup["ex_path"])
+    for fused in (True, False):  # the loss from the backbone's hidden states, and from the model's logits
+        assert shared_prefill.agrees(model, fused=fused) is None
+    assert loss_function(model) is not response_loss_sum  # evaluate_model took the fused form
+    assert setup["metrics"]["eval_loss"] == pytest.approx(eval_loss(model, ex, batch_size=4)["eval_loss"], rel=1e-5)
+    plain, _ = generate(model, [ex.prompt(i) for i in range(9)], eos_token_ids=[EOS], pad_token_id=PAD,
+                        max_new_tokens=6, batch_size=4)
+    assert setup["samples"]["generated_tokens"].tolist() == [len(t) for t in plain]
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(setup["model_dir"])
+    assert setup["samples"]["prediction"].tolist() == [tok.decode(t, skip_special_tokens=True) for t in plain]
+
+
+def test_a_model_whose_forward_drops_the_cache_keeps_two_passes(setup):
+    """A forward that ignores the cache it is given (as remote code written for another cache API might) computes
+    the responses without their prompts: the check sees it, and evaluation warns and runs the prompts twice."""
+    from transformers import LlamaForCausalLM
+
+    from instructflow import kernels
+    from instructflow.evaluate import loss_and_generations
+    from instructflow.kernels import shared_prefill
+
+    class DropsCache(LlamaForCausalLM):
+        def forward(self, *args, cache=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = DropsCache.from_pretrained(setup["model_dir"]).eval()
+    why = shared_prefill.agrees(model, fused=False)
+    assert why is not None and "differs from the rows' own" in why
+    assert "cache does not continue" in shared_prefill.agrees(model, fused=True)
+    ex = Examples.load(setup["ex_path"])
+    kernels._warned.clear()
+    with pytest.warns(RuntimeWarning, match="evaluation runs the prompts twice for llama"):
+        loss, generated, _ = loss_and_generations(model, ex, 9, [EOS], PAD, max_new_tokens=6, batch_size=4)
+    assert loss["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=1e-5)
+    assert [len(t) for t in generated] == setup["samples"]["generated_tokens"].tolist()

@@ -151,16 +151,29 @@ def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
 
 @torch.inference_mode()
 def eval_loss(model, examples: Examples, *, batch_size: int = DEFAULTS["batch_size"],
-              use_bf16: bool = False) -> dict[str, Any]:
-    """Mean CE over every labelled (response + EOS) token of ``examples``: right-padded,
-    length-sorted batches, summed per batch and divided by the total count once at the end."""
+              use_bf16: bool = False, rows: Sequence[int] | None = None) -> dict[str, Any]:
+    """Mean CE over every labelled (response + EOS) token of ``examples`` (of ``rows`` of it, where given):
+    right-padded, length-sorted batches, summed per batch and divided by the total count once at the end."""
+    sums = loss_sums(model, examples, batch_size=batch_size, use_bf16=use_bf16, rows=rows)
+    return loss_metrics(*sums)
+
+
+def loss_metrics(total: float, count: int, rows: int) -> dict[str, Any]:
+    """eval_loss's figures from a summed loss, its labelled tokens and the rows that had any."""
+    return {"eval_loss": total / count if count else float("nan"), "n_loss_rows": rows, "n_loss_tokens": count}
+
+
+@torch.inference_mode()
+def loss_sums(model, examples: Examples, *, batch_size: int, use_bf16: bool = False,
+              rows: Sequence[int] | None = None) -> tuple[float, int, int]:
+    """The summed loss over ``rows`` (default: all) of ``examples``, its labelled tokens and the rows that had any."""
     device = next(model.parameters()).device
     pad = examples.pad_token_id
     lengths = examples.lengths.tolist()
-    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    order = sorted(range(len(examples)) if rows is None else rows, key=lambda i: lengths[i])
     total = 0.0
     count = 0
-    rows = 0
+    n_rows = 0
     loss_sum_of = loss_function(model)
     for idx in _batches(order, batch_size):
         width = max(lengths[i] for i in idx)
@@ -174,9 +187,8 @@ def eval_loss(model, examples: Examples, *, batch_size: int = DEFAULTS["batch_si
             loss_sum, n = loss_sum_of(model, ids.to(device), labels.to(device))
         total += float(loss_sum)
         count += n
-        rows += sum(1 for b in range(len(idx)) if bool((labels[b, 1:] != IGNORE_INDEX).any()))
-    mean = total / count if count else float("nan")
-    return {"eval_loss": mean, "n_loss_rows": rows, "n_loss_tokens": count}
+        n_rows += int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+    return total, count, n_rows
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -190,6 +202,64 @@ def eos_ids(first: int | None, model) -> list[int]:
 def stopped_with_eos(new_tokens: Sequence[int], max_new_tokens: int) -> bool:
     """``generate`` stops at EOS or at max_new_tokens: fewer new tokens than that means it stopped with EOS."""
     return len(new_tokens) < int(max_new_tokens)
+
+
+def generation_config(model, eos_token_ids: Sequence[int], pad_token_id: int, max_new_tokens: int):
+    """Greedy decoding up to ``max_new_tokens``, stopping at any of ``eos_token_ids``."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=int(pad_token_id),
+        bos_token_id=getattr(model.generation_config, "bos_token_id", None),
+        use_cache=True,
+    )
+
+
+def left_padded(prompts: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` (1-D token tensors) as one left-padded batch: ids and attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = p.long()
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg, *, cache=None) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch, each up to (not including) its first EOS. ``cache``: the
+    KV cache of every prompt column but the last (kernels/shared_prefill.py), which then is all that is run
+    before the new tokens."""
+    # transformers 5 merges the model's own generation_config (e.g. a checkpoint's sampling
+    # temperature/top_p, max_length) into the one passed in, which warns and could override
+    # what we set; swapping ours in for the call makes greedy decoding exactly what we ask for.
+    saved_cfg = model.generation_config
+    model.generation_config = copy.deepcopy(gen_cfg)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=copy.deepcopy(gen_cfg),
+                             **({} if cache is None else {"cache": cache}))
+    finally:
+        model.generation_config = saved_cfg
+    eos = set(gen_cfg.eos_token_id)
+    results = []
+    for new in out[:, ids.shape[1]:].tolist():
+        toks: list[int] = []
+        for t in new:
+            if t in eos:
+                break
+            toks.append(t)
+        results.append(toks)
+    return results
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
@@ -211,58 +281,22 @@ def generate(
     ``progress``: a progress bar over the batches (on stderr).
     """
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    gen_cfg = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=int(max_new_tokens),
-        eos_token_id=list(eos_token_ids),
-        pad_token_id=int(pad_token_id),
-        bos_token_id=getattr(model.generation_config, "bos_token_id", None),
-        use_cache=True,
-    )
-    eos = set(int(e) for e in eos_token_ids)
+    gen_cfg = generation_config(model, eos_token_ids, pad_token_id, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int] | None] = [None] * len(prompts)
     seconds = 0.0
     batches = list(_batches(order, batch_size))
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, i in enumerate(idx):
-            p = prompts[i].long()
-            ids[b, width - len(p) :] = p
-            mask[b, width - len(p) :] = 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        ids, mask = left_padded([prompts[i] for i in idx], pad_token_id)
+        synchronize(device)
         t0 = time.perf_counter()
-        # transformers 5 merges the model's own generation_config (e.g. a checkpoint's sampling
-        # temperature/top_p, max_length) into the one passed in, which warns and could override
-        # what we set; swapping ours in for the call makes greedy decoding exactly what we ask for.
-        saved_cfg = model.generation_config
-        model.generation_config = copy.deepcopy(gen_cfg)
-        try:
-            with autocast(device, enabled=use_bf16):
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    generation_config=copy.deepcopy(gen_cfg),
-                )
-        finally:
-            model.generation_config = saved_cfg
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with autocast(device, enabled=use_bf16):
+            new = generate_batch(model, ids.to(device), mask.to(device), gen_cfg)
+        synchronize(device)
         seconds += time.perf_counter() - t0
-        new = out[:, width:].tolist()
-        for b, i in enumerate(idx):
-            toks: list[int] = []
-            for t in new[b]:
-                if t in eos:
-                    break
-                toks.append(t)
+        for i, toks in zip(idx, new):
             results[i] = toks
     return [r or [] for r in results], seconds
 
@@ -280,6 +314,28 @@ def _finite_or_none(value):
     return value
 
 
+def loss_and_generations(model, examples: Examples, n_gen: int, eos_token_ids: Sequence[int], pad_token_id: int, *,
+                         max_new_tokens: int, batch_size: int) -> tuple[dict[str, Any], list[list[int]], float]:
+    """eval_loss over every row and generate for the first ``n_gen`` rows' prompts: for those rows in one pass
+    over their prompts where kernels/shared_prefill.py's check passes for this model, else in two."""
+    from .kernels import _warn, shared_prefill
+    from .modeling import architecture
+
+    fused = loss_function(model) is not response_loss_sum
+    why = shared_prefill.agrees(model, fused=fused)
+    if why is not None:
+        _warn(f"evaluation runs the prompts twice for {architecture(model)} (loss, then generation): {why}")
+        loss = eval_loss(model, examples, batch_size=batch_size)
+        generated, seconds = generate(model, [examples.prompt(i) for i in range(n_gen)], eos_token_ids=eos_token_ids,
+                                      pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return loss, generated, seconds
+    gen_cfg = generation_config(model, eos_token_ids, pad_token_id, max_new_tokens)
+    shared, generated, seconds = shared_prefill.loss_and_generate(model, examples, range(n_gen), gen_cfg,
+                                                                  batch_size=batch_size, fused=fused)
+    rest = loss_sums(model, examples, batch_size=batch_size, rows=range(n_gen, len(examples)))
+    return loss_metrics(*(a + b for a, b in zip(shared, rest))), generated, seconds
+
+
 def evaluate_model(
     model_dir: str | os.PathLike,
     examples_path: str | os.PathLike,
@@ -295,8 +351,6 @@ def evaluate_model(
     device = pick_device()
     model, tokenizer = evaluation_model(model_dir, device, _resolve_bf16(dtype, device))
     examples = Examples.load(examples_path)
-
-    loss = eval_loss(model, examples, batch_size=batch_size)
 
     texts = read_parquet(prompts_path)
     missing_cols = {"row", "prompt", "response"} - set(texts.columns)
@@ -316,14 +370,8 @@ def evaluate_model(
     stop_ids = eos_ids(examples.eos_token_id if "eos_token_id" in examples.metadata else None, model)
     if "end_of_turn_token_id" in examples.metadata:  # a chat template's own end of an assistant turn
         stop_ids.append(int(examples.metadata["end_of_turn_token_id"]))
-    generated, seconds = generate(
-        model,
-        [examples.prompt(i) for i in range(n_gen)],
-        eos_token_ids=stop_ids,
-        pad_token_id=int(pad_id),
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+    loss, generated, seconds = loss_and_generations(model, examples, n_gen, stop_ids, int(pad_id),
+                                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
     predictions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in generated]
     references = [_text(texts.at[r, "response"]) for r in rows]
     scores = score(predictions, references)

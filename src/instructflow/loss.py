@@ -23,6 +23,11 @@ def response_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: t
     a real token see the padding after it. Packed rows come as one row whose ``position_ids`` restart at
     0 per source row (transformers then keeps the rows apart)."""
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **forward_kwargs).logits
+    return logits_loss_sum(logits, labels)
+
+
+def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``response_loss_sum`` from the model's logits for every position of ``labels``."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())

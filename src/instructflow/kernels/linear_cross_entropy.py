@@ -118,10 +118,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def response_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                       position_ids: torch.Tensor | None = None, **forward_kwargs) -> tuple[torch.Tensor, int]:
     """instructflow.loss.response_loss_sum, computing logits only where a label is."""
+    outputs = _unwrap(model).base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **forward_kwargs)
+    return hidden_loss_sum(model, outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state, labels)
+
+
+def hidden_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``response_loss_sum`` from the backbone's last hidden states for every position of ``labels``."""
     inner = _unwrap(model)
-    backbone = inner.base_model
-    outputs = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **forward_kwargs)
-    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
