@@ -245,7 +245,7 @@ def generate_batch(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg, *, cac
                              **({} if cache is None else {"cache": cache}))
     finally:
         model.generation_config = saved_cfg
-    eos = set(gen_cfg.eos_token_id)
+    eos = {int(e) for e in gen_cfg.eos_token_id}
     results = []
     for new in out[:, ids.shape[1]:].tolist():
         toks: list[int] = []
