@@ -194,3 +194,36 @@ def test_evaluation_runs_the_prompts_once_with_the_same_results_or_says_why_not(
     if arch in ("gpt_neo", "llama", "qwen2", "gpt_neox"):  # the 2023 script's family, SmolLM2's and the bench's
         assert not messages, messages
     print(arch, "two passes:" if messages else "one pass", *messages)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_evaluation_in_one_pass_holds_past_a_sliding_window_and_for_one_token_prompts(arch):
+    """The prompts' cache is copied and continued past a 4-token sliding window (prompts of 5-15 tokens), and a
+    batch of one-token prompts has no prompt pass at all: loss and generations still equal the two passes'."""
+    from architectures import tiny_config
+    from conftest import build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from instructflow.evaluate import eval_loss, generate, loss_and_generations
+    from instructflow.examples import IGNORE_INDEX, Examples
+
+    tok = build_tokenizer()
+    config = tiny_config(arch, len(tok), tok.eos_token_id, tok.pad_token_id)
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(1)
+    rows, prompt_lengths = [], [1, 1, 1, 5, 9, 15, 7]
+    for i, p in enumerate(prompt_lengths):
+        ids = torch.randint(3, len(tok), (p + 2 + i % 3,), generator=generator).tolist()
+        rows.append((ids, [IGNORE_INDEX] * p + ids[p:]))
+    ex = Examples.from_rows(rows, list(range(len(rows))), prompt_lengths,
+                            {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    kw = dict(eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, max_new_tokens=6, batch_size=3)
+    kernels._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, generated, _ = loss_and_generations(model, ex, 6, **kw)
+    assert not [w for w in caught if "runs the prompts twice" in str(w.message)]  # the one pass was used
+    assert loss["eval_loss"] == pytest.approx(eval_loss(model, ex, batch_size=3)["eval_loss"], **TIGHT)
+    assert generated == generate(model, [ex.prompt(i) for i in range(6)], **kw)[0]
