@@ -28,11 +28,15 @@ def response_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: t
 
 def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``response_loss_sum`` from the model's logits for every position of ``labels``."""
-    targets = labels[:, 1:]
+    return target_loss_sum(logits[:, :-1], labels[:, 1:])
+
+
+def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each position's logits against its next token ``targets`` (-100: none), and the
+    count of targets."""
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if n == 0:
         # Still touch the graph so DDP sees every parameter used on every rank.
         return logits.sum() * 0.0, 0
-    loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep].long(), reduction="sum")
-    return loss, n
+    return F.cross_entropy(logits[keep].float(), targets[keep].long(), reduction="sum"), n

@@ -124,14 +124,19 @@ def response_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: t
 
 def hidden_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``response_loss_sum`` from the backbone's last hidden states for every position of ``labels``."""
+    return hidden_target_loss_sum(model, hidden[:, :-1], labels[:, 1:])
+
+
+def hidden_target_loss_sum(model: torch.nn.Module, hidden: torch.Tensor,
+                           targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """loss.target_loss_sum from the backbone's last hidden states: each position against its next token."""
     inner = _unwrap(model)
-    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if n == 0:
         # Still touch the graph so DDP sees every parameter used on every rank.
         return hidden.sum() * 0.0, 0
-    picked = hidden[:, :-1][keep]
+    picked = hidden[keep]
     head = inner.get_output_embeddings()
     transform = _final_logit_transform(inner.config)
     # Fused only for a plain bias-free projection (a peft-wrapped head is not) without post-processing.
