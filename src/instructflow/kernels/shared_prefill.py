@@ -63,11 +63,11 @@ def loss_and_cache(model, ids, labels, mask, prompt_width: int, *, fused: bool):
     loss, n, cache, kept, seconds = 0.0, 0, None, None, 0.0
     if split > 0:
         synchronize(ids.device)
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         first, cache = _outputs(net, ids[:, :split], mask[:, :split], positions[:, :split], None, fused)
         kept = copy.deepcopy(cache)
         synchronize(ids.device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - t0
         part_loss, n = loss_of(first, targets[:, :split])
         loss = float(part_loss)
         del first
@@ -94,10 +94,10 @@ def loss_and_generate(model, examples: Examples, rows: Sequence[int], gen_cfg, *
                                                  examples.pad_token_id)
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         loss, n, cache, prompt_seconds = loss_and_cache(model, ids, labels, mask, prompt_width, fused=fused)
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         new = generate_batch(model, ids[:, :prompt_width], mask[:, :prompt_width], gen_cfg, cache=cache)
         synchronize(device)
-        seconds += prompt_seconds + time.perf_counter() - start
+        seconds += prompt_seconds + time.perf_counter() - t0
         total, count = total + loss, count + n
         labelled_rows += int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
         generated.update(zip(idx, new))
