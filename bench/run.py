@@ -592,7 +592,7 @@ def write_docs(docs: Path, report: dict | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # --out is not --out-dir
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--docs", type=Path, help="also write the Markdown (docs/benchmarks.md) and its JSON, "
                                                   "replacing this machine class's section only")
