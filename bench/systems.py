@@ -225,20 +225,23 @@ def trl_sft(cfg: dict, packed: bool, lora: bool = False) -> dict:
             "trainable_parameters": trainable}
 
 
-def computed_shapes(cfg: dict, steps: int, attention: str, pack: bool) -> list[dict]:
+def computed_shapes(cfg: dict, steps: int, attention: str, pack: bool, precision: str) -> list[dict]:
     """Per step, the positions the train stage ran (padding included; packed rows have none) and its
     attention calls as [rows, width]: its batch plan is a pure function of (seed, step), so the bench
-    rebuilds it rather than asking the trainer. ``attention``, ``pack``: what it trained with (summary.json)."""
+    rebuilds it rather than asking the trainer. ``attention``, ``pack``, ``precision``: what it trained with
+    (summary.json)."""
     from instructflow.batching import BatchPlanner
     from instructflow.config import train_settings
     from instructflow.examples import Examples
-    from instructflow.kernels.attention import NAME as SEGMENTS, group_rows
+    from instructflow.kernels.attention import NAME as SEGMENTS, group_rows, matmul_max_length
 
     settings = train_settings(cfg["ours"])
     examples = Examples.load(cfg["train"])
     lengths = examples.lengths.numpy()
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], world_size=1, pack=pack,
                            micro_batch_size=settings["micro_batch_size"], seed=settings["seed"])
+    # Every bf16 mode runs the attention's matmuls in bf16 (under autocast too).
+    matmul_max = matmul_max_length(torch.bfloat16 if precision == "bf16" else torch.float32)
     out = []
     for i in range(steps):
         computed, calls = 0, []
@@ -250,7 +253,7 @@ def computed_shapes(cfg: dict, steps: int, attention: str, pack: bool) -> list[d
                 continue
             computed += sum(row_lengths)
             if SEGMENTS in attention and not attention.startswith("flash"):  # row groups padded to their longest row
-                calls += [[len(group), row_lengths[group[0]]] for group in group_rows(row_lengths)]
+                calls += [[len(group), row_lengths[group[0]]] for group in group_rows(row_lengths, matmul_max)]
             else:
                 calls += packed_attention(row_lengths, attention)
         out.append({"computed": computed, "attention": calls})
@@ -279,7 +282,8 @@ def ours(cfg: dict, method: str, **advanced) -> dict:
     steps, prev = [], {"elapsed_s": 0.0, "tokens": 0, "trained_tokens": 0}
     # The fast path builds logits only where a label is predicted (loss.py); the plain path's model all.
     labelled_logits = summary["loss"] != "model logits"
-    for rec, shapes in zip(log, computed_shapes(cfg, len(log), summary["attention"], summary["packing"])):
+    for rec, shapes in zip(log, computed_shapes(cfg, len(log), summary["attention"], summary["packing"],
+                                                  summary["precision"])):
         trained = rec["trained_tokens"] - prev["trained_tokens"]
         steps.append({"seconds": rec["elapsed_s"] - prev["elapsed_s"], "nonpad": rec["tokens"] - prev["tokens"],
                       "trained": trained, **shapes, "logits": trained if labelled_logits else shapes["computed"]})

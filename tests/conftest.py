@@ -28,6 +28,15 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _fused_kernels_on():
+    """Each test starts with the fused kernels switched on, as a new process does: a run with
+    `train.advanced.fused_kernels: false` switches them off for the whole process (kernels.apply)."""
+    from instructflow.kernels import fused
+
+    fused.enable(True)
+
+
 def _corpus() -> list[str]:
     """Text the BPE merges are learnt from; byte-level BPE still encodes any other text (byte fallback)."""
     from instructflow.templates import bundled_names, bundled_path

@@ -159,8 +159,10 @@ def test_our_steps_record_the_shapes_the_train_stage_computes(train_examples):
     settings = train_settings(cfg["ours"])
     planner = BatchPlanner(examples, batch_size=4, micro_batch_size=2, world_size=1, seed=settings["seed"], pack=True)
     varlen = "flash varlen (torch.nn.attention.varlen, instructflow_segments)"
-    for attention in ("row-by-row (instructflow_segments)", "sdpa", "flash_attention_2", varlen):
-        shapes = computed_shapes(cfg, 3, attention, pack=True)
+    settings = [(attention, precision) for attention in ("row-by-row (instructflow_segments)", "sdpa",
+                                                         "flash_attention_2", varlen) for precision in ("bf16", "fp32")]
+    for attention, precision in settings:
+        shapes = computed_shapes(cfg, 3, attention, pack=True, precision=precision)
         for step, shape in enumerate(shapes):
             micro = planner.step(step).micro_batches[0]
             lengths = [int(examples.lengths[r]) for rows in micro for r in rows]

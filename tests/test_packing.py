@@ -64,7 +64,7 @@ def test_packed_and_padded_loss_equal_rows_one_by_one(arch, kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_packed_gradients_match_padded(kernel):
     model = build_model("llama", VOCAB, EOS, PAD, attn=kernel)
-    # Lengths on both sides of attention.MATMUL_MAX_LENGTH, so both of its paths run.
+    # Lengths on both sides of attention.matmul_max_length (256 in fp32), so both of its paths run.
     examples = _examples(seed=1, shape=((9, 4), (300, 100), (5, 2), (270, 30), (12, 7), (2, 1)))
     rows = list(range(len(examples)))
     grads = []
@@ -79,14 +79,48 @@ def test_packed_gradients_match_padded(kernel):
 
 
 def test_row_groups_cover_every_row_once_with_bounded_length_spread():
-    lengths = [120, 7, 300, 119, 64, 1, 90, 256, 257, 0]
-    groups = attention.group_rows(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for group in groups:
-        longest, shortest = lengths[group[0]], min(lengths[i] for i in group)
-        assert longest == max(lengths[i] for i in group)
-        assert len(group) == 1 or (longest <= attention.MATMUL_MAX_LENGTH
-                                   and longest <= attention.GROUP_LENGTH_RATIO * max(shortest, 1))
+    lengths = [120, 7, 300, 119, 64, 1, 90, 256, 257, 0, 400, 512, 513, 350]
+    for matmul_max in (256, 512):
+        groups = attention.group_rows(lengths, matmul_max)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for group in groups:
+            longest, shortest = lengths[group[0]], min(lengths[i] for i in group)
+            assert longest == max(lengths[i] for i in group)
+            assert len(group) == 1 or (longest <= matmul_max
+                                       and longest <= attention.GROUP_LENGTH_RATIO * max(shortest, 1))
+    # Rows past the limit stay alone (SDPA's kernel), rows within it share a group.
+    assert [257] in [[lengths[i] for i in g] for g in attention.group_rows(lengths, 256)]
+    assert [[513], [512, 400, 350]] == [[lengths[i] for i in g] for g in attention.group_rows(lengths, 512)][:2]
+
+
+def test_bf16_rows_on_both_sides_of_the_matmul_limit_attend_as_each_row_alone(monkeypatch):
+    """In bf16, rows up to 512 tokens run by matmul + softmax (256 in fp32) and longer ones by SDPA's kernel;
+    either way each row gets its own causal attention, forward and backward."""
+    assert attention.matmul_max_length(torch.bfloat16) == 512
+    assert attention.matmul_max_length(torch.float32) == 256
+    widths = []
+    matmul_causal = attention._matmul_causal
+    monkeypatch.setattr(attention, "_matmul_causal", lambda q, *a: widths.append(q.shape[3]) or matmul_causal(q, *a))
+    lengths = [600, 300, 513, 200, 512, 7]
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, sum(lengths), 16, generator=generator).bfloat16().requires_grad_() for h in (4, 2, 2))
+    weight = torch.randn(1, sum(lengths), 4, 16, generator=generator)
+    out, _ = attention.segment_attention(None, q, k, v, None, **attention.segment_kwargs(lengths))
+    got = (out, *torch.autograd.grad((out.float() * weight).sum(), (q, k, v)))
+    assert sorted(widths) == [7, 300, 512]  # 600 and 513 went to SDPA's kernel; 200 shares 300's group
+    # Reference: each row alone, SDPA in fp32 on the same bf16 inputs.
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    rows, start = [], 0
+    for n in lengths:
+        part = slice(start, start + n)
+        rows.append(torch.nn.functional.scaled_dot_product_attention(
+            q32[:, :, part], k32[:, :, part], v32[:, :, part], is_causal=True, enable_gqa=True).transpose(1, 2))
+        start += n
+    ref = torch.cat(rows, dim=1)
+    want = (ref, *torch.autograd.grad((ref * weight).sum(), (q32, k32, v32)))
+    for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, want):
+        error = float((a.float() - b).abs().max() / b.abs().max())
+        assert error < 0.02, (name, error)
 
 
 def test_the_varlen_flash_kernel_is_for_cuda_and_a_cpu_keeps_the_row_by_row_attention():

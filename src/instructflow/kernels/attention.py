@@ -12,9 +12,9 @@ FlashAttention varlen kernel (``torch.nn.attention.varlen``, no flash_attn packa
 device has matched it with SDPA row by row, forward and backward (``use_varlen``). Elsewhere (a CPU, fp32, a torch
 without it, attention dropout): rows of similar length are gathered into a
 small right-padded batch (padding only inside attention, where it is cheap; the linear layers still see
-no padding), short groups use plain matmul + softmax attention, which on a CPU is several times faster
-than the fused SDPA kernel's backward for rows of a few hundred tokens, and long rows use SDPA with
-``is_causal``. Without ``cu_seq_lens_q`` (evaluation, generation, unpacked batches) it is PyTorch SDPA.
+no padding), groups of rows up to ``matmul_max_length`` (512 tokens in bf16, 256 in fp32) use plain
+matmul + softmax attention, which on a CPU in bf16 is 1.2-5x faster than the fused SDPA kernel forward and
+backward, and longer rows use SDPA with ``is_causal``. Without ``cu_seq_lens_q`` (evaluation, generation, unpacked batches) it is PyTorch SDPA.
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ import torch
 from . import fused
 
 NAME = "instructflow_segments"
-# Rows up to this length go through matmul + softmax; longer ones through SDPA's fused kernel, whose
-# memory stays linear in the length. Measured on a 2-core AVX-512 CPU (bf16, 9 heads of 64): for 16
-# rows of 128 tokens, forward + backward took 20 ms by matmul + softmax and 65 ms with SDPA's kernel;
-# for 4 rows of 512 the kernel won (97 ms against 117 ms); one row of 256: 4.3 ms against 8.1 ms.
-MATMUL_MAX_LENGTH = 256
 # Rows join a group while the group's longest row is at most this factor longer than its shortest,
 # which bounds the attention work spent on padding inside a group.
 GROUP_LENGTH_RATIO = 1.5
@@ -93,13 +88,27 @@ def segment_kwargs(lengths: list[int], device: torch.device | str | None = None)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def group_rows(lengths: list[int]) -> list[list[int]]:
-    """Row indices grouped by similar length (longest first), each group run as one padded batch."""
+# Rows up to the length below go through matmul + softmax; longer ones through SDPA's fused kernel, whose
+# memory stays linear in the length (matmul + softmax keeps heads x length^2 probabilities a row and layer:
+# 4.7 MB for 9 heads at 512 in bf16). Measured on a 2-core AVX-512 BF16 CPU, 9 query and 3 key/value heads
+# of 64, forward + backward (2026-12-05): in bf16 matmul + softmax took 1.7 against 7.6-9.8 ms for 16 rows
+# of 32 tokens, 6.8 against 18 ms for 8 rows of 128, 11 against 19-21 ms for one row of 511 and 49-57
+# against 62-67 ms for 4 rows of 512; the kernel won from ~1024 tokens (52-55 against 40-44 ms). In fp32 the
+# two were within 10-20% of each other up to 256 tokens and the kernel won above (one row of 400: 13 against
+# 10 ms; 4 rows of 512: 108-112 against 63-67 ms), on this CPU's kernels and held to AVX2 alike.
+def matmul_max_length(dtype: torch.dtype) -> int:
+    """The longest row that attention in ``dtype`` runs by matmul + softmax rather than SDPA's kernel."""
+    return 512 if dtype == torch.bfloat16 else 256
+
+
+def group_rows(lengths: list[int], matmul_max: int) -> list[list[int]]:
+    """Row indices grouped by similar length (longest first), each group run as one padded batch; rows
+    longer than ``matmul_max`` (they go to SDPA's kernel) stay alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for i in order:
         if groups and lengths[groups[-1][0]] <= GROUP_LENGTH_RATIO * max(lengths[i], 1) \
-                and lengths[groups[-1][0]] <= MATMUL_MAX_LENGTH:
+                and lengths[groups[-1][0]] <= matmul_max:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -161,14 +170,15 @@ def _matmul_causal(query, key, value, scaling: float, dropout: float) -> torch.T
 
 
 @functools.lru_cache(maxsize=4)
-def _layout(bounds: tuple[int, ...], device: torch.device) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+def _layout(bounds: tuple[int, ...], device: torch.device,
+            matmul_max: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
     """Where each row's tokens go in the padded group batches, made once per packed micro-batch (every
     layer asks for the same row boundaries). Returns per group (rows, width); the token index of every
     slot of every group, flattened (slots past a row's end repeat its last token: their outputs are
     dropped, and causality keeps them out of real tokens' attention); and for every token, its slot."""
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     shapes, slot_token, token_slot = [], [], [0] * bounds[-1]
-    for group in group_rows(lengths):
+    for group in group_rows(lengths, matmul_max):
         width = lengths[group[0]]
         shapes.append((len(group), width))
         for i in group:
@@ -266,7 +276,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             query, key, value = (t.to(half) for t in (query, key, value))
             return _varlen_causal(query, key, value, cu_seq_lens_q, int(longest), scale), None
-    shapes, slot_token, token_slot = _layout(tuple(cu_seq_lens_q.tolist()), query.device)
+    # The values' dtype is what the attention matmuls run in (under autocast too, where rotary embeddings
+    # can leave the queries and keys in fp32).
+    matmul_max = matmul_max_length(value.dtype)
+    shapes, slot_token, token_slot = _layout(tuple(cu_seq_lens_q.tolist()), query.device, matmul_max)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
     # One gather per tensor for all groups (squeeze, unlike [0], has a free backward): [slots, H, D].
@@ -278,7 +291,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     for (rows, width), q_part, k_part, v_part in zip(shapes, q.split(sizes), k.split(sizes), v.split(sizes)):
         if width == 0:
             continue
-        if width <= MATMUL_MAX_LENGTH:
+        if width <= matmul_max:
             gq = q_part.view(rows, width, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
             gk, gv = (t.view(rows, width, kv_heads, dim).transpose(1, 2) for t in (k_part, v_part))
             o = _matmul_causal(gq, gk, gv, scale, dropout).permute(0, 3, 1, 2, 4)  # [S, L, Hkv, G, D]
