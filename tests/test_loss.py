@@ -81,8 +81,17 @@ def test_loss_through_a_peft_wrapper_and_empty_batches(model):
     assert n_lora == n
     torch.testing.assert_close(lora, plain, rtol=1e-5, atol=1e-5)
 
-    empty, n_empty = response_loss_sum(model, batch["input_ids"], torch.full_like(batch["labels"], IGNORE_INDEX))
-    assert n_empty == 0 and float(empty.detach()) == 0.0 and empty.requires_grad
+    no_labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    for loss_sum in (response_loss_sum, fast.response_loss_sum):
+        # Training: a zero that still reaches every parameter (DDP); evaluation: a constant zero.
+        empty, n_empty = loss_sum(model, batch["input_ids"], no_labels)
+        assert n_empty == 0 and float(empty.detach()) == 0.0 and empty.requires_grad
+        empty.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        model.zero_grad(set_to_none=True)
+        with torch.inference_mode():
+            empty, n_empty = loss_sum(model, batch["input_ids"], no_labels)
+        assert n_empty == 0 and float(empty) == 0.0
 
 
 @pytest.mark.parametrize("autocast", [False, True])

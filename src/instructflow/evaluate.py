@@ -19,7 +19,7 @@ from .config import defaults
 from .device import autocast, bf16_supported, pick_device
 from .examples import IGNORE_INDEX, Examples
 from .io import read_json, read_parquet, write_json, write_parquet
-from .loss import response_loss_sum
+from .loss import labelled_rows, response_loss_sum
 from .report import md_table, write_text
 
 # The keyword defaults here are the schema's evaluate.* defaults, written only there.
@@ -165,8 +165,9 @@ def loss_metrics(total: float, count: int, rows: int) -> dict[str, Any]:
 
 @torch.inference_mode()
 def loss_sums(model, examples: Examples, *, batch_size: int, use_bf16: bool = False,
-              rows: Sequence[int] | None = None) -> tuple[float, int, int]:
-    """The summed loss over ``rows`` (default: all) of ``examples``, its labelled tokens and the rows that had any."""
+              rows: Sequence[int] | None = None, loss_of=None) -> tuple[float, int, int]:
+    """The summed loss over ``rows`` (default: all) of ``examples``, its labelled tokens and the rows that had any;
+    ``loss_of``: ``loss_function(model)`` where the caller has it already."""
     device = next(model.parameters()).device
     pad = examples.pad_token_id
     lengths = examples.lengths.tolist()
@@ -174,7 +175,7 @@ def loss_sums(model, examples: Examples, *, batch_size: int, use_bf16: bool = Fa
     total = 0.0
     count = 0
     n_rows = 0
-    loss_sum_of = loss_function(model)
+    loss_sum_of = loss_of or loss_function(model)
     for idx in _batches(order, batch_size):
         width = max(lengths[i] for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -187,7 +188,7 @@ def loss_sums(model, examples: Examples, *, batch_size: int, use_bf16: bool = Fa
             loss_sum, n = loss_sum_of(model, ids.to(device), labels.to(device))
         total += float(loss_sum)
         count += n
-        n_rows += int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+        n_rows += labelled_rows(labels)
     return total, count, n_rows
 
 
@@ -321,18 +322,19 @@ def loss_and_generations(model, examples: Examples, n_gen: int, eos_token_ids: S
     from .kernels import _warn, shared_prefill
     from .modeling import architecture
 
-    fused = loss_function(model) is not response_loss_sum
+    loss_of = loss_function(model)
+    fused = loss_of is not response_loss_sum
     why = shared_prefill.agrees(model, fused=fused)
     if why is not None:
         _warn(f"evaluation runs the prompts twice for {architecture(model)} (loss, then generation): {why}")
-        loss = eval_loss(model, examples, batch_size=batch_size)
+        loss = loss_metrics(*loss_sums(model, examples, batch_size=batch_size, loss_of=loss_of))
         generated, seconds = generate(model, [examples.prompt(i) for i in range(n_gen)], eos_token_ids=eos_token_ids,
                                       pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, batch_size=batch_size)
         return loss, generated, seconds
     gen_cfg = generation_config(model, eos_token_ids, pad_token_id, max_new_tokens)
     shared, generated, seconds = shared_prefill.loss_and_generate(model, examples, range(n_gen), gen_cfg,
                                                                   batch_size=batch_size, fused=fused)
-    rest = loss_sums(model, examples, batch_size=batch_size, rows=range(n_gen, len(examples)))
+    rest = loss_sums(model, examples, batch_size=batch_size, rows=range(n_gen, len(examples)), loss_of=loss_of)
     return loss_metrics(*(a + b for a, b in zip(shared, rest))), generated, seconds
 
 

@@ -37,6 +37,22 @@ def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if n == 0:
-        # Still touch the graph so DDP sees every parameter used on every rank.
-        return logits.sum() * 0.0, 0
+        return no_targets(logits), 0
     return F.cross_entropy(logits[keep].float(), targets[keep].long(), reduction="sum"), n
+
+
+def no_targets(*tensors: torch.Tensor) -> torch.Tensor:
+    """The zero loss where no position has a target. In training it still touches ``tensors`` (outputs and
+    parameters the loss would have used), so DDP sees every parameter used on every rank; without autograd
+    (evaluation) it is a constant, with no pass over them."""
+    zero = torch.zeros((), device=tensors[0].device)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                zero = zero + t.sum() * 0.0
+    return zero
+
+
+def labelled_rows(labels: torch.Tensor) -> int:
+    """How many rows of ``labels`` have a labelled token past the first position (a target to predict)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())

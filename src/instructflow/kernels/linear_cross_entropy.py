@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..examples import IGNORE_INDEX
+from ..loss import no_targets
 from . import fused
 
 
@@ -119,11 +120,7 @@ def response_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: t
                       position_ids: torch.Tensor | None = None, **forward_kwargs) -> tuple[torch.Tensor, int]:
     """instructflow.loss.response_loss_sum, computing logits only where a label is."""
     outputs = _unwrap(model).base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **forward_kwargs)
-    return hidden_loss_sum(model, outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state, labels)
-
-
-def hidden_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``response_loss_sum`` from the backbone's last hidden states for every position of ``labels``."""
+    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
     return hidden_target_loss_sum(model, hidden[:, :-1], labels[:, 1:])
 
 
@@ -133,11 +130,10 @@ def hidden_target_loss_sum(model: torch.nn.Module, hidden: torch.Tensor,
     inner = _unwrap(model)
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
-    if n == 0:
-        # Still touch the graph so DDP sees every parameter used on every rank.
-        return hidden.sum() * 0.0, 0
-    picked = hidden[keep]
     head = inner.get_output_embeddings()
+    if n == 0:
+        return no_targets(hidden, *head.parameters()), 0
+    picked = hidden[keep]
     transform = _final_logit_transform(inner.config)
     # Fused only for a plain bias-free projection (a peft-wrapped head is not) without post-processing.
     if transform is None and type(head) is torch.nn.Linear and head.bias is None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..examples import IGNORE_INDEX, Examples
-from ..loss import logits_loss_sum, target_loss_sum
+from ..loss import labelled_rows, logits_loss_sum, target_loss_sum
 from . import linear_cross_entropy
 
 
@@ -42,8 +42,13 @@ def layout(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_token_id:
     return ids, labels, mask, prompt_width
 
 
-def _outputs(net, ids, mask, positions, cache, hidden: bool):
-    out = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, numbered as generate() numbers them (padding at 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _outputs(net, ids, mask, position_ids, cache, hidden: bool):
+    out = net(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
     return (out.last_hidden_state if hidden else out.logits), out.cache
 
 
@@ -55,7 +60,7 @@ def loss_and_cache(model, ids, labels, mask, prompt_width: int, *, fused: bool):
     from ..evaluate import synchronize
 
     net = linear_cross_entropy._unwrap(model).base_model if fused else model
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    position_ids = positions(mask)
     split = prompt_width - 1
     # Each column's target is the next column's label: the loss of each part needs no other part's outputs.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -64,14 +69,14 @@ def loss_and_cache(model, ids, labels, mask, prompt_width: int, *, fused: bool):
     if split > 0:
         synchronize(ids.device)
         t0 = time.perf_counter()
-        first, cache = _outputs(net, ids[:, :split], mask[:, :split], positions[:, :split], None, fused)
+        first, cache = _outputs(net, ids[:, :split], mask[:, :split], position_ids[:, :split], None, fused)
         kept = copy.deepcopy(cache)
         synchronize(ids.device)
         seconds = time.perf_counter() - t0
         part_loss, n = loss_of(first, targets[:, :split])
         loss = float(part_loss)
         del first
-    rest, _ = _outputs(net, ids[:, split:], mask, positions[:, split:], cache, fused)
+    rest, _ = _outputs(net, ids[:, split:], mask, position_ids[:, split:], cache, fused)
     part_loss, part_n = loss_of(rest, targets[:, split:])
     return loss + float(part_loss), n + part_n, kept, seconds
 
@@ -86,7 +91,7 @@ def loss_and_generate(model, examples: Examples, rows: Sequence[int], gen_cfg, *
     device = next(model.parameters()).device
     lengths = examples.prompt_lengths.tolist()
     order = sorted(rows, key=lambda i: lengths[i])
-    total, count, labelled_rows, seconds = 0.0, 0, 0, 0.0
+    total, count, n_rows, seconds = 0.0, 0, 0, 0.0
     generated: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -99,9 +104,9 @@ def loss_and_generate(model, examples: Examples, rows: Sequence[int], gen_cfg, *
         synchronize(device)
         seconds += prompt_seconds + time.perf_counter() - t0
         total, count = total + loss, count + n
-        labelled_rows += int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+        n_rows += labelled_rows(labels)
         generated.update(zip(idx, new))
-    return (total, count, labelled_rows), [generated[i] for i in rows], seconds
+    return (total, count, n_rows), [generated[i] for i in rows], seconds
 
 
 @torch.inference_mode()
@@ -121,9 +126,9 @@ def agrees(model, *, fused: bool) -> str | None:
         ids, labels, mask, width = (t.to(device) if torch.is_tensor(t) else t for t in layout(rows, 0))
         loss, n, cache, _ = loss_and_cache(model, ids, labels, mask, width, fused=fused)
         # What generate computes first from the cache: the last prompt column's logits.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step = model(input_ids=ids[:, width - 1:width], attention_mask=mask[:, :width],
-                     position_ids=positions[:, width - 1:width], cache=cache, use_cache=True).logits[:, -1].float()
+        last = slice(width - 1, width)
+        step = model(input_ids=ids[:, last], attention_mask=mask[:, :width], position_ids=positions(mask)[:, last],
+                     cache=cache, use_cache=True).logits[:, -1].float()
         alone_loss, alone_n, alone_step = 0.0, 0, []
         for x, y, p in rows:
             logits = model(input_ids=x[None].to(device), use_cache=False).logits
