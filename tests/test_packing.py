@@ -110,13 +110,7 @@ def test_bf16_rows_on_both_sides_of_the_matmul_limit_attend_as_each_row_alone(mo
     assert sorted(widths) == [7, 300, 512]  # 600 and 513 went to SDPA's kernel; 200 shares 300's group
     # Reference: each row alone, SDPA in fp32 on the same bf16 inputs.
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    rows, start = [], 0
-    for n in lengths:
-        part = slice(start, start + n)
-        rows.append(torch.nn.functional.scaled_dot_product_attention(
-            q32[:, :, part], k32[:, :, part], v32[:, :, part], is_causal=True, enable_gqa=True).transpose(1, 2))
-        start += n
-    ref = torch.cat(rows, dim=1)
+    ref = attention.causal_rows_alone(q32, k32, v32, lengths)
     want = (ref, *torch.autograd.grad((ref * weight).sum(), (q32, k32, v32)))
     for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, want):
         error = float((a.float() - b).abs().max() / b.abs().max())

@@ -14,7 +14,8 @@ without it, attention dropout): rows of similar length are gathered into a
 small right-padded batch (padding only inside attention, where it is cheap; the linear layers still see
 no padding), groups of rows up to ``matmul_max_length`` (512 tokens in bf16, 256 in fp32) use plain
 matmul + softmax attention, which on a CPU in bf16 is 1.2-5x faster than the fused SDPA kernel forward and
-backward, and longer rows use SDPA with ``is_causal``. Without ``cu_seq_lens_q`` (evaluation, generation, unpacked batches) it is PyTorch SDPA.
+backward, and longer rows use SDPA with ``is_causal``. Without ``cu_seq_lens_q`` (evaluation, generation,
+unpacked batches) it is PyTorch SDPA.
 """
 
 from __future__ import annotations
@@ -234,13 +235,7 @@ def _varlen_self_test(device: torch.device) -> str | None:
             kw = segment_kwargs(lengths, device)
             out = _varlen_causal(q, k, v, kw["cu_seq_lens_q"], kw["max_length_q"], dim**-0.5)
             got = (out, *torch.autograd.grad((out.float() * weight).sum(), (q, k, v)))
-            rows, start = [], 0
-            for n in lengths:
-                part = slice(start, start + n)
-                rows.append(torch.nn.functional.scaled_dot_product_attention(
-                    q[:, :, part], k[:, :, part], v[:, :, part], is_causal=True, enable_gqa=True).transpose(1, 2))
-                start += n
-            ref = torch.cat(rows, dim=1)
+            ref = causal_rows_alone(q, k, v, lengths)
             want = (ref, *torch.autograd.grad((ref.float() * weight).sum(), (q, k, v)))
         for name, a, b in zip(("output", "query grad", "key grad", "value grad"), got, want):
             error = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
@@ -249,6 +244,18 @@ def _varlen_self_test(device: torch.device) -> str | None:
     except Exception as err:  # noqa: BLE001 - any failure (a shape it got wrong too) keeps the row-by-row attention
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     return None
+
+
+def causal_rows_alone(query, key, value, lengths: list[int]) -> torch.Tensor:
+    """What attention over packed rows must compute: SDPA's causal attention over each row alone (query
+    [1, H, T, D], key/value [1, Hkv, T, D], rows of ``lengths`` one after another) -> [1, T, H, D]."""
+    rows, start = [], 0
+    for n in lengths:
+        part = slice(start, start + n)
+        rows.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, part], key[:, :, part], value[:, :, part], is_causal=True, enable_gqa=True).transpose(1, 2))
+        start += n
+    return torch.cat(rows, dim=1)
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
