@@ -364,3 +364,34 @@ def test_a_model_whose_forward_drops_the_cache_keeps_two_passes(setup):
         loss, generated, _ = loss_and_generations(model, ex, 9, [EOS], PAD, max_new_tokens=6, batch_size=4)
     assert loss["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=1e-5)
     assert [len(t) for t in generated] == setup["samples"]["generated_tokens"].tolist()
+
+
+def test_prompt_batches_decode_together_and_finished_rows_leave(setup, monkeypatch):
+    """kernels/decode.py: the prompt batches (4 + 4 + 1 rows) decode as one batch of 9, a row leaves it at its
+    EOS, and every row's tokens are generate's; held under a cache size of one byte, each batch decodes alone."""
+    from instructflow.evaluate import loss_and_generations, loss_function
+    from instructflow.kernels import decode, shared_prefill
+
+    model, _ = load_model(setup["model_dir"], torch.device("cpu"))
+    ex = Examples.load(setup["ex_path"])
+    assert loss_function(model) is not None and shared_prefill.agrees(model, fused=True) is None
+    monkeypatch.setattr(shared_prefill, "agrees", lambda *a, **k: None)  # its probe's calls would count below
+    prompts = [ex.prompt(i) for i in range(9)]
+    first, _ = generate(model, prompts, eos_token_ids=[EOS], pad_token_id=PAD, max_new_tokens=6, batch_size=4)
+    stop = [EOS, first[0][1], first[3][3]]  # tokens some rows pick early: those rows end there
+    plain, _ = generate(model, prompts, eos_token_ids=stop, pad_token_id=PAD, max_new_tokens=6, batch_size=4)
+    assert 2 <= len({len(t) for t in plain}) and min(len(t) for t in plain) < 6
+    sizes: list[int] = []
+    def one_column(_module, _args, kw):  # a decode step (the checks' calls run whole rows)
+        if kw["input_ids"].shape[1] == 1:
+            sizes.append(kw["input_ids"].shape[0])
+    model.register_forward_pre_hook(one_column, with_kwargs=True)
+    for cap, first_sizes in ((decode.MAX_CACHE_BYTES, [9]), (1, [4, 4, 1])):
+        monkeypatch.setattr(decode, "MAX_CACHE_BYTES", cap)
+        sizes.clear()
+        _, generated, _ = loss_and_generations(model, ex, 9, stop, PAD, max_new_tokens=6, batch_size=4)
+        assert generated == plain, cap
+        # The loss's passes run the backbone (the fused loss), not the whole model.
+        assert sizes[0] == first_sizes[0] and sizes.count(first_sizes[0]) < 6, (cap, sizes)
+        assert sum(s in first_sizes for s in sizes) >= len(first_sizes), (cap, sizes)
+        assert sum(sizes) == sum(min(len(t) + 1, 6) for t in plain), (cap, sizes)

@@ -232,18 +232,15 @@ def left_padded(prompts: Sequence[torch.Tensor], pad_token_id: int) -> tuple[tor
 
 
 @torch.inference_mode()
-def generate_batch(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg, *, cache=None) -> list[list[int]]:
-    """Greedy continuations of one left-padded batch, each up to (not including) its first EOS. ``cache``: the
-    KV cache of every prompt column but the last (kernels/shared_prefill.py), which then is all that is run
-    before the new tokens."""
+def generate_batch(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch, each up to (not including) its first EOS."""
     # transformers 5 merges the model's own generation_config (e.g. a checkpoint's sampling
     # temperature/top_p, max_length) into the one passed in, which warns and could override
     # what we set; swapping ours in for the call makes greedy decoding exactly what we ask for.
     saved_cfg = model.generation_config
     model.generation_config = copy.deepcopy(gen_cfg)
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=copy.deepcopy(gen_cfg),
-                             **({} if cache is None else {"cache": cache}))
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=copy.deepcopy(gen_cfg))
     finally:
         model.generation_config = saved_cfg
     eos = {int(e) for e in gen_cfg.eos_token_id}

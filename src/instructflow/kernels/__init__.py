@@ -16,6 +16,7 @@ checked on the model it is about to serve before it is used:
 - allocator.py       jemalloc, preloaded by the launcher (`instructflow train`)
 - shared_prefill.py  evaluation: the loss and the generations from one pass over the prompts; checked: the same
                      loss and continuation as the rows' own forward passes on this model (evaluate.py calls it)
+- decode.py          evaluation's greedy decoding: finished rows leave the batch, prompt batches decode together
 
 What does not apply to an architecture leaves that part on the plain path, with one warning naming the
 architecture and the reason. ``train.advanced.fast_path: false`` skips this package entirely.

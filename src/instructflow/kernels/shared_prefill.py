@@ -4,10 +4,11 @@ The evaluate stage scores each held-out row twice over the same prompt: its loss
 the model, and generation's prefill runs the prompt again. Here a batch of rows to generate runs once: its
 prompts, left-padded so that they all end at one column, except that last column; a copy of that KV cache is
 kept for generation; then the last prompt column and the responses (right-padded) run on the cache. Each
-part's outputs give its share of the loss (no concatenated copy of them), and ``generate`` starts from the
-copy, so only the last prompt column runs again before the new tokens. SmolLM2-135M, the demo's 160 held-out rows,
-2-core CPU: 20.3 -> 14.5 s in bf16, 34.7 -> 24.9 s in fp32, the same loss and generations in fp32 (in bf16,
-which rounds differently in the new batch shapes: loss 0.4264 against 0.4270, 158 of 160 generations equal).
+part's outputs give its share of the loss (no concatenated copy of them), and decoding (kernels/decode.py)
+starts from the copy, so only the last prompt column runs again before the new tokens. SmolLM2-135M, the
+demo's 160 held-out rows, 2-core CPU, before kernels/decode.py: 20.3 -> 14.5 s in bf16, 34.7 -> 24.9 s in
+fp32, the same loss and generations in fp32 (in bf16, which rounds differently in the new batch shapes: loss
+0.4264 against 0.4270, 158 of 160 generations equal).
 
 ``agrees(model)`` runs a probe both ways first: an architecture whose forward takes no position ids or cache,
 or whose cache does not continue where it was copied, keeps the two passes (evaluate.py).
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from ..examples import IGNORE_INDEX, Examples
 from ..loss import labelled_rows, logits_loss_sum, target_loss_sum
-from . import linear_cross_entropy
+from . import decode, linear_cross_entropy
 
 
 def layout(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_token_id: int):
@@ -85,27 +86,40 @@ def loss_and_generate(model, examples: Examples, rows: Sequence[int], gen_cfg, *
                       fused: bool) -> tuple[tuple[float, int, int], list[list[int]], float]:
     """For ``rows`` of ``examples``: (summed loss, labelled tokens, rows with any) as evaluate.loss_sums gives
     them, the greedy generations for their prompts as evaluate.generate gives them (batches sorted by prompt
-    length), and the seconds generation took (the prompts' pass and generate; the responses' pass is the loss's)."""
-    from ..evaluate import generate_batch, synchronize
+    length, decoded together by kernels/decode.py), and the seconds generation took (the prompts' pass and the
+    decoding; the responses' pass is the loss's)."""
+    from ..evaluate import synchronize
 
     device = next(model.parameters()).device
     lengths = examples.prompt_lengths.tolist()
     order = sorted(rows, key=lambda i: lengths[i])
     total, count, n_rows, seconds = 0.0, 0, 0, 0.0
     generated: dict[int, list[int]] = {}
+    pending: list[decode.Prompts] = []
+
+    def decode_pending() -> float:
+        t0 = time.perf_counter()
+        batch = decode.merged(pending)
+        generated.update(zip(batch.rows, decode.greedy(model, batch, gen_cfg.eos_token_id, gen_cfg.max_new_tokens)))
+        synchronize(device)
+        pending.clear()
+        return time.perf_counter() - t0
+
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, labels, mask, prompt_width = layout([(*examples.get(i), lengths[i]) for i in idx],
                                                  examples.pad_token_id)
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         loss, n, cache, prompt_seconds = loss_and_cache(model, ids, labels, mask, prompt_width, fused=fused)
-        t0 = time.perf_counter()
-        new = generate_batch(model, ids[:, :prompt_width], mask[:, :prompt_width], gen_cfg, cache=cache)
-        synchronize(device)
-        seconds += prompt_seconds + time.perf_counter() - t0
-        total, count = total + loss, count + n
+        total, count, seconds = total + loss, count + n, seconds + prompt_seconds
         n_rows += labelled_rows(labels)
-        generated.update(zip(idx, new))
+        last = slice(prompt_width - 1, prompt_width)
+        batch = decode.Prompts(idx, ids[:, last], positions(mask)[:, last], mask[:, :prompt_width], cache)
+        if pending and not decode.joins(pending, batch, gen_cfg.max_new_tokens):
+            seconds += decode_pending()
+        pending.append(batch)
+    if pending:
+        seconds += decode_pending()
     return (total, count, n_rows), [generated[i] for i in rows], seconds
 
 
