@@ -395,3 +395,52 @@ def test_prompt_batches_decode_together_and_finished_rows_leave(setup, monkeypat
         assert sizes[0] == first_sizes[0] and sizes.count(first_sizes[0]) < 6, (cap, sizes)
         assert sum(s in first_sizes for s in sizes) >= len(first_sizes), (cap, sizes)
         assert sum(sizes) == sum(min(len(t) + 1, 6) for t in plain), (cap, sizes)
+
+
+def test_rows_are_grouped_by_the_prompt_prefix_they_share():
+    """kernels/shared_prefill.py: a way the rows part at holds a group of its own where it has min_rows rows;
+    a smaller one goes back to the rows of the prefix before it; a row's limit ends its prefix."""
+    from instructflow.kernels.shared_prefill import prefix_limit, shared_prefixes
+
+    prompts = {0: [1, 2, 3, 4, 5], 1: [1, 2, 3, 4, 6], 2: [1, 2, 3, 9, 9], 3: [1, 2, 7, 7, 7], 4: [1, 2, 3, 4, 8]}
+    limits = {r: 4 for r in prompts}
+    assert shared_prefixes(prompts, limits, 2) == [(4, [0, 1, 4]), (2, [2, 3])]
+    assert shared_prefixes(prompts, limits, 3) == [(4, [0, 1, 4]), (2, [2, 3])]
+    assert shared_prefixes(prompts, limits, 4) == [(3, [0, 1, 2, 4]), (2, [3])]
+    assert shared_prefixes(prompts, limits, 6) == [(2, [0, 1, 2, 3, 4])]
+    assert shared_prefixes(prompts, {**limits, 1: 3}, 2) == [(4, [0, 4]), (3, [1, 2]), (2, [3])]
+    assert shared_prefixes({}, {}, 2) == []
+    # Not the last prompt token (decoding starts there), nor a token that is a label's target.
+    assert prefix_limit(torch.tensor([5, 6, 7, 8, 9]).masked_fill(torch.arange(5) < 3, IGNORE_INDEX), 3) == 2
+    assert prefix_limit(torch.tensor([IGNORE_INDEX, 6, IGNORE_INDEX, 8, 9]), 3) == 0
+
+
+def test_a_prompt_prefix_the_rows_share_runs_once(setup, monkeypatch):
+    """Rows whose prompts start alike: the backbone runs that prefix once, for one row (45 token columns fewer
+    than running each row's whole prompt, less the prefix's own 5), and the loss and the generations are still
+    those of the two passes (fp32)."""
+    from instructflow.evaluate import loss_and_generations
+    from instructflow.kernels import shared_prefill
+
+    model, _ = load_model(setup["model_dir"], torch.device("cpu"))
+    ex = Examples.load(setup["ex_path"])
+    preamble = [7, 8, 9, 10, 11]
+    rows = [([*preamble, *ex.get(i)[0].tolist()], [IGNORE_INDEX] * 5 + ex.get(i)[1].tolist()) for i in range(9)]
+    shared = Examples.from_rows(rows, list(range(9)), [5 + int(p) for p in ex.prompt_lengths[:9]],
+                                {"eos_token_id": EOS, "pad_token_id": PAD})
+    assert shared_prefill.agrees(model, fused=True) is None
+    columns: list[int] = []  # the token columns each call of the backbone ran
+
+    def count(_module, _args, kw):
+        columns.append(kw["input_ids"].numel())
+    model.model.register_forward_pre_hook(count, with_kwargs=True)
+    loss, generated, _ = loss_and_generations(model, shared, 9, [EOS], PAD, max_new_tokens=6, batch_size=4)
+    with_prefix = sum(columns)
+    columns.clear()
+    monkeypatch.setattr(shared_prefill, "shared_prefixes", lambda prompts, limits, n: [(0, list(prompts))])
+    assert loss_and_generations(model, shared, 9, [EOS], PAD, max_new_tokens=6, batch_size=4)[1] == generated
+    assert sum(columns) - with_prefix >= 9 * len(preamble) - len(preamble), (sum(columns), with_prefix)
+    assert loss["eval_loss"] == pytest.approx(eval_loss(model, shared, batch_size=4)["eval_loss"], rel=1e-5)
+    plain, _ = generate(model, [shared.prompt(i) for i in range(9)], eos_token_ids=[EOS], pad_token_id=PAD,
+                        max_new_tokens=6, batch_size=4)
+    assert generated == plain

@@ -14,8 +14,9 @@ checked on the model it is about to serve before it is used:
 - lean_layers.py     RMSNorm and SwiGLU layers that keep less for backward; checked per module
 - fused.py           elementwise chains compiled by torch.compile (eager with a warning where that fails)
 - allocator.py       jemalloc, preloaded by the launcher (`instructflow train`)
-- shared_prefill.py  evaluation: the loss and the generations from one pass over the prompts; checked: the same
-                     loss and continuation as the rows' own forward passes on this model (evaluate.py calls it)
+- shared_prefill.py  evaluation: the loss and the generations from one pass over the prompts, a prefix the rows'
+                     prompts share run once; checked: the same loss and continuation as the rows' own forward
+                     passes on this model (evaluate.py calls it)
 - decode.py          evaluation's greedy decoding: finished rows leave the batch, prompt batches decode together
 
 What does not apply to an architecture leaves that part on the plain path, with one warning naming the

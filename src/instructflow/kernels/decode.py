@@ -35,11 +35,11 @@ class Prompts:
     cache: object
 
 
-def _mergeable(batch: Prompts) -> bool:
-    """A DynamicCache of full-attention layers only (a sliding-window layer keeps its own window)."""
+def full_attention(cache) -> bool:
+    """A DynamicCache of full-attention layers only, each holding columns (a sliding-window layer keeps its own
+    window: its columns are not the mask's)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    cache = batch.cache
     return (type(cache) is DynamicCache and bool(cache.layers)
             and all(type(layer) is DynamicLayer and layer.get_seq_length() > 0 for layer in cache.layers))
 
@@ -55,7 +55,7 @@ def _bytes(batches: Sequence[Prompts], max_new_tokens: int) -> int:
 
 def joins(pending: Sequence[Prompts], batch: Prompts, max_new_tokens: int) -> bool:
     """Whether ``batch`` decodes together with the ``pending`` batches."""
-    return (bool(pending) and all(map(_mergeable, [*pending, batch]))
+    return (bool(pending) and all(full_attention(b.cache) for b in [*pending, batch])
             and _bytes([*pending, batch], max_new_tokens) <= MAX_CACHE_BYTES)
 
 
