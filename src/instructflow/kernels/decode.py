@@ -70,6 +70,9 @@ def merged(batches: Sequence[Prompts]) -> Prompts:
         for name in ("keys", "values"):
             parts = [getattr(b.cache.layers[i], name) for b in batches]
             setattr(layer, name, torch.cat([F.pad(p, (0, 0, width - 1 - p.shape[2], 0)) for p in parts]))
+            for b in batches[1:]:  # let each part go as soon as it is copied: one layer's copy at a time
+                setattr(b.cache.layers[i], name, None)
+            del parts
     return Prompts([r for b in batches for r in b.rows], torch.cat([b.tokens for b in batches]),
                    torch.cat([b.positions for b in batches]),
                    torch.cat([F.pad(b.mask, (width - b.mask.shape[1], 0)) for b in batches]), cache)
