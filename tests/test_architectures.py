@@ -171,10 +171,15 @@ def test_packed_rows_may_pass_the_position_limit_only_where_positions_restart(ar
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_evaluation_runs_the_prompts_once_with_the_same_results_or_says_why_not(arch, tiny_model_dir, examples):
+def test_evaluation_runs_the_prompts_once_with_the_same_results_or_says_why_not(arch, tiny_model_dir, examples,
+                                                                                  monkeypatch):
     """kernels/shared_prefill.py: the loss and the generations from one pass over the prompts equal those of the
-    two passes (fp32); where its check fails, one warning names the architecture and the two passes run."""
+    two passes (fp32); where its check fails, one warning names the architecture and the two passes run. Each
+    response width runs apart (the responses' pass on a selection of the prompts' cache)."""
     from instructflow.evaluate import eval_loss, generate, load_model, loss_and_generations
+    from instructflow.kernels import shared_prefill
+
+    monkeypatch.setattr(shared_prefill, "CALL_COLUMNS", 0)
 
     examples, _ = examples
     rows = examples.head(7)
@@ -196,16 +201,22 @@ def test_evaluation_runs_the_prompts_once_with_the_same_results_or_says_why_not(
     print(arch, "two passes:" if messages else "one pass", *messages)
 
 
+@pytest.mark.parametrize("call_columns", [16, 0])
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
-def test_evaluation_in_one_pass_holds_past_a_sliding_window_and_for_one_token_prompts(arch):
+def test_evaluation_in_one_pass_holds_past_a_sliding_window_and_for_one_token_prompts(arch, call_columns,
+                                                                                      monkeypatch):
     """The prompts' cache is copied and continued past a 4-token sliding window (prompts of 5-15 tokens), and a
-    batch of one-token prompts has no prompt pass at all: loss and generations still equal the two passes'."""
+    batch of one-token prompts has no prompt pass at all: loss and generations still equal the two passes', also
+    where each response width runs apart (CALL_COLUMNS 0)."""
     from architectures import tiny_config
     from conftest import build_tokenizer
     from transformers import AutoModelForCausalLM
 
     from instructflow.evaluate import eval_loss, generate, loss_and_generations
     from instructflow.examples import IGNORE_INDEX, Examples
+    from instructflow.kernels import shared_prefill
+
+    monkeypatch.setattr(shared_prefill, "CALL_COLUMNS", call_columns)
 
     tok = build_tokenizer()
     config = tiny_config(arch, len(tok), tok.eos_token_id, tok.pad_token_id)

@@ -368,7 +368,8 @@ def test_a_model_whose_forward_drops_the_cache_keeps_two_passes(setup):
 
 def test_prompt_batches_decode_together_and_finished_rows_leave(setup, monkeypatch):
     """kernels/decode.py: the prompt batches (4 + 4 + 1 rows) decode as one batch of 9, a row leaves it at its
-    EOS, and every row's tokens are generate's; held under a cache size of one byte, each batch decodes alone."""
+    EOS, and every row's tokens are generate's; held under a cache size of one byte, or allowed no padding, each
+    batch decodes alone."""
     from instructflow.evaluate import loss_and_generations, loss_function
     from instructflow.kernels import decode, shared_prefill
 
@@ -386,15 +387,18 @@ def test_prompt_batches_decode_together_and_finished_rows_leave(setup, monkeypat
         if kw["input_ids"].shape[1] == 1:
             sizes.append(kw["input_ids"].shape[0])
     model.register_forward_pre_hook(one_column, with_kwargs=True)
-    for cap, first_sizes in ((decode.MAX_CACHE_BYTES, [9]), (1, [4, 4, 1])):
+    default = (decode.MAX_CACHE_BYTES, decode.MAX_PADDING)
+    for cap, padding, first_sizes in ((*default, [9]), (1, default[1], [4, 4, 1]), (default[0], 0.0, [4, 4, 1])):
         monkeypatch.setattr(decode, "MAX_CACHE_BYTES", cap)
+        monkeypatch.setattr(decode, "MAX_PADDING", padding)
         sizes.clear()
         _, generated, _ = loss_and_generations(model, ex, 9, stop, PAD, max_new_tokens=6, batch_size=4)
         assert generated == plain, cap
         # The loss's passes run the backbone (the fused loss), not the whole model.
-        assert sizes[0] == first_sizes[0] and sizes.count(first_sizes[0]) < 6, (cap, sizes)
-        assert sum(s in first_sizes for s in sizes) >= len(first_sizes), (cap, sizes)
-        assert sum(sizes) == sum(min(len(t) + 1, 6) for t in plain), (cap, sizes)
+        assert sizes[0] == first_sizes[0], (cap, padding, sizes)
+        assert sum(s in first_sizes for s in sizes) >= len(first_sizes), (cap, padding, sizes)
+        # Each row ran until its EOS (or 6 tokens), no step further: finished rows left the batch.
+        assert sum(sizes) == sum(min(len(t) + 1, 6) for t in plain), (cap, padding, sizes)
 
 
 def test_rows_are_grouped_by_the_prompt_prefix_they_share():
@@ -410,6 +414,16 @@ def test_rows_are_grouped_by_the_prompt_prefix_they_share():
     assert shared_prefixes(prompts, limits, 6) == [(2, [0, 1, 2, 3, 4])]
     assert shared_prefixes(prompts, {**limits, 1: 3}, 2) == [(4, [0, 4]), (3, [1, 2]), (2, [3])]
     assert shared_prefixes({}, {}, 2) == []
+    # Rows of like width run together where a call's cost (CALL_COLUMNS columns) is less than the padding saved.
+    from instructflow.kernels import shared_prefill
+
+    assert shared_prefill.CALL_COLUMNS == 16
+    runs = shared_prefill.width_runs
+    assert runs([]) == [] and runs([3]) == [slice(0, 1)] and runs([2, 3, 4, 5]) == [slice(0, 4)]
+    assert runs([2, 3, 4, 40, 41]) == [slice(0, 3), slice(3, 5)]  # 5 x 41 = 205 columns against 12 + 82 + 2 x 16
+    assert runs([1] * 30 + [60, 61]) == [slice(0, 30), slice(30, 32)]
+    assert runs([10, 20, 40]) == [slice(0, 2), slice(2, 3)]  # 40 + 40 + 2 x 16 = 112 against 120 + 16
+    assert runs([10, 12, 14]) == [slice(0, 3)]  # 42 + 16 = 58 against 24 + 14 + 2 x 16
     # Not the last prompt token (decoding starts there), nor a token that is a label's target.
     assert prefix_limit(torch.tensor([5, 6, 7, 8, 9]).masked_fill(torch.arange(5) < 3, IGNORE_INDEX), 3) == 2
     assert prefix_limit(torch.tensor([IGNORE_INDEX, 6, IGNORE_INDEX, 8, 9]), 3) == 0

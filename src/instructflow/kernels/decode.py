@@ -3,11 +3,14 @@
 transformers' ``generate`` runs a batch until its longest answer ends, every finished row included, and
 evaluation decodes each batch of prompts (``evaluate.batch_size``) on its own. Here the prompt batches'
 KV caches (kernels/shared_prefill.py) are left-padded to one width and decoded together, up to
-``MAX_CACHE_BYTES`` of cache, and a row leaves the batch at its EOS. Each row's tokens are those ``generate``
-picks (greedy, the same inputs, positions and mask); only the batches' shapes differ, so fp32 gives the same
-tokens and bf16, which rounds differently in other shapes, nearly the same. SmolLM2-135M, the demo's 160 held-out
+``MAX_CACHE_BYTES`` of cache of which at most ``MAX_PADDING`` is padding, and a row leaves the batch at its
+EOS. Each row's tokens are those ``generate`` picks (greedy, the same inputs, positions and mask); only the
+batches' shapes differ, so fp32 gives the same tokens and bf16, which rounds differently in other shapes,
+nearly the same. SmolLM2-135M, the demo's 160 held-out
 rows, 32 new tokens at most, 2-core AMD EPYC: base model 20.2 -> 13.3 s in bf16 (127 of 160 generations equal),
 42.2 -> 32.2 s in fp32 with the kernels held to AVX2 (160 equal); tuned model 13.4 -> 10.8 and 28.8 -> 24.5 s.
+Without the padding limit, Code Alpaca's prompts (up to hundreds of tokens) all took the longest one's width:
+its evaluation got slower (bf16 84 -> 93 s) where each step read and copied the padding.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# Rows decode together while their KV cache, grown by max_new_tokens, stays under this.
+# Rows decode together while their KV cache, grown by max_new_tokens, stays under this, and no more than this
+# share of it is padding.
 MAX_CACHE_BYTES = 1 << 30
+MAX_PADDING = 0.25
 
 
 @dataclasses.dataclass
@@ -53,10 +58,20 @@ def _bytes(batches: Sequence[Prompts], max_new_tokens: int) -> int:
     return per_row_column * width * sum(len(b.rows) for b in batches)
 
 
+def _padding(batches: Sequence[Prompts], max_new_tokens: int) -> float:
+    """The share of ``batches``' merged cache that is left padding, once it has grown by ``max_new_tokens``."""
+    widths = [b.mask.shape[1] + max_new_tokens for b in batches]
+    rows = [len(b.rows) for b in batches]
+    return 1 - sum(r * w for r, w in zip(rows, widths)) / (sum(rows) * max(widths))
+
+
 def joins(pending: Sequence[Prompts], batch: Prompts, max_new_tokens: int) -> bool:
-    """Whether ``batch`` decodes together with the ``pending`` batches."""
-    return (bool(pending) and all(full_attention(b.cache) for b in [*pending, batch])
-            and _bytes([*pending, batch], max_new_tokens) <= MAX_CACHE_BYTES)
+    """Whether ``batch`` decodes together with the ``pending`` batches: full-attention caches, at most
+    ``MAX_CACHE_BYTES`` and ``MAX_PADDING`` of them left padding (each decoding step reads and copies it)."""
+    together = [*pending, batch]
+    return (bool(pending) and all(full_attention(b.cache) for b in together)
+            and _bytes(together, max_new_tokens) <= MAX_CACHE_BYTES
+            and _padding(together, max_new_tokens) <= MAX_PADDING)
 
 
 @torch.inference_mode()
