@@ -6,11 +6,11 @@ KV caches (kernels/shared_prefill.py) are left-padded to one width and decoded t
 ``MAX_CACHE_BYTES`` of cache of which at most ``MAX_PADDING`` is padding, and a row leaves the batch at its
 EOS. Each row's tokens are those ``generate`` picks (greedy, the same inputs, positions and mask); only the
 batches' shapes differ, so fp32 gives the same tokens and bf16, which rounds differently in other shapes,
-nearly the same. SmolLM2-135M, the demo's 160 held-out
-rows, 32 new tokens at most, 2-core AMD EPYC: base model 20.2 -> 13.3 s in bf16 (127 of 160 generations equal),
-42.2 -> 32.2 s in fp32 with the kernels held to AVX2 (160 equal); tuned model 13.4 -> 10.8 and 28.8 -> 24.5 s.
-Without the padding limit, Code Alpaca's prompts (up to hundreds of tokens) all took the longest one's width:
-its evaluation got slower (bf16 84 -> 93 s) where each step read and copied the padding.
+nearly the same. SmolLM2-135M, the demo's 160 held-out rows, 32 new tokens at most, 2-core AMD EPYC: base
+model 20.2 -> 13.3 s in bf16 (127 of 160 generations equal), 42.2 -> 32.2 s in fp32 with the kernels held to
+AVX2 (160 equal); tuned model 13.4 -> 10.8 and 28.8 -> 24.5 s. Without the padding limit, Code Alpaca's
+prompts (up to hundreds of tokens) all took the longest one's width: its evaluation got slower (bf16 84 -> 93 s)
+where each step read and copied the padding.
 """
 
 from __future__ import annotations

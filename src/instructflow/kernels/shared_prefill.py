@@ -131,23 +131,33 @@ def loss_and_cache(model, ids, labels, mask, prompt_width: int, *, fused: bool, 
     kept = copy.deepcopy(cache)
     synchronize(ids.device)
     seconds = time.perf_counter() - t0
-    # The last prompt column and the responses, in runs of rows of like width (less right padding).
-    widths = mask[:, shared + split:].sum(1)
+    rest = slice(split, None)
+    part_loss, part_n = _responses_loss(net, loss_of, ids[:, rest], targets[:, rest], mask, position_ids[:, rest],
+                                        cache, fused)
+    return loss + part_loss, n + part_n, kept, seconds
+
+
+def _responses_loss(net, loss_of, ids, targets, mask, position_ids, cache, hidden: bool) -> tuple[float, int]:
+    """The summed loss of right-padded ``ids`` (each batch row's last prompt column and response) on ``cache``,
+    run in runs of rows of like width (``width_runs``: less padding), and its labelled tokens. ``mask``: the
+    cache's columns, then those of ``ids``."""
+    widths = mask[:, -ids.shape[1]:].sum(1)
+    cached = mask.shape[1] - ids.shape[1]
     order = widths.argsort(stable=True)
     runs = width_runs(widths[order].tolist())
     if len(runs) == 1:  # the rows in their cache's order
         order = torch.arange(len(ids), device=ids.device)
+    loss, n = 0.0, 0
     for k, run in enumerate(runs):
         rows, width = order[run], int(widths[order[run]].max())
         run_cache = cache if cache is None or k == len(runs) - 1 else copy.deepcopy(cache)
         if run_cache is not None and len(runs) > 1:
             run_cache.batch_select_indices(rows)
-        columns = slice(split, split + width)
-        rest, _ = _outputs(net, ids[rows, columns], mask[rows, :shared + split + width], position_ids[rows, columns],
-                           run_cache, fused)
-        part_loss, part_n = loss_of(rest, targets[rows, columns])
+        out, _ = _outputs(net, ids[rows, :width], mask[rows, :cached + width], position_ids[rows, :width], run_cache,
+                          hidden)
+        part_loss, part_n = loss_of(out, targets[rows, :width])
         loss, n = loss + float(part_loss), n + part_n
-    return loss, n, kept, seconds
+    return loss, n
 
 
 # What one more forward call costs, in token columns: 10-20 ms of a CPU's per-call work against ~1-2 ms a
