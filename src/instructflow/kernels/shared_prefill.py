@@ -39,9 +39,11 @@ from ..loss import labelled_rows, logits_loss_sum, target_loss_sum
 from . import decode, linear_cross_entropy
 
 
-def layout(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_token_id: int):
-    """Rows (ids, labels, prompt length) as one batch [left-padded prompt | right-padded response]: ids, labels
-    and attention mask, and the column where every prompt ends."""
+def layout(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_token_id: int, shared: int = 0):
+    """Rows (ids, labels, prompt length) past their first ``shared`` tokens (a prefix every row shares, held in a
+    cache) as one batch [left-padded prompt | right-padded response]: ids, labels, the attention mask (the
+    prefix's ``shared`` columns first), and the column of ``ids`` where every prompt ends."""
+    rows = [(x[shared:], y[shared:], p - shared) for x, y, p in rows]
     prompt_width = max(p for _, _, p in rows)
     width = prompt_width + max(len(ids) - p for ids, _, p in rows)
     ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long)
@@ -50,7 +52,7 @@ def layout(rows: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_token_id:
     for b, (x, y, p) in enumerate(rows):
         place = slice(prompt_width - p, prompt_width - p + len(x))
         ids[b, place], labels[b, place], mask[b, place] = x.long(), y.long(), 1
-    return ids, labels, mask, prompt_width
+    return ids, labels, F.pad(mask, (shared, 0), value=1), prompt_width
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -213,9 +215,9 @@ def loss_and_generate(model, examples: Examples, rows: Sequence[int], gen_cfg, *
         group.sort(key=lambda i: lengths[i])
         for start in range(0, len(group), batch_size):
             idx = group[start:start + batch_size]
-            ids, labels, mask, prompt_width = layout(
-                [(*(t[shared:] for t in examples.get(i)), lengths[i] - shared) for i in idx], examples.pad_token_id)
-            ids, labels, mask = ids.to(device), labels.to(device), F.pad(mask, (shared, 0), value=1).to(device)
+            ids, labels, mask, prompt_width = layout([(*examples.get(i), lengths[i]) for i in idx],
+                                                     examples.pad_token_id, shared)
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             loss, n, cache, prompt_seconds = loss_and_cache(model, ids, labels, mask, prompt_width, fused=fused,
                                                             prefix=prefix)
             total, count, seconds = total + loss, count + n, seconds + prompt_seconds
@@ -248,8 +250,7 @@ def agrees(model, *, fused: bool) -> str | None:
     try:
         prefix = prefix_cache(model, rows[0][0][:1].to(device), fused=fused)
         shared = 0 if prefix is None else 1
-        ids, labels, mask, width = layout([(x[shared:], y[shared:], p - shared) for x, y, p in rows], 0)
-        ids, labels, mask = ids.to(device), labels.to(device), F.pad(mask, (shared, 0), value=1).to(device)
+        ids, labels, mask, width = (t.to(device) if torch.is_tensor(t) else t for t in layout(rows, 0, shared))
         loss, n, cache, _ = loss_and_cache(model, ids, labels, mask, width, fused=fused, prefix=prefix)
         # What decoding computes first from the cache: the last prompt column's logits.
         last = slice(width - 1, width)
