@@ -211,6 +211,7 @@ def loss_and_generate(model, examples: Examples, rows: Sequence[int], gen_cfg, *
         t0 = time.perf_counter()
         prefix = prefix_cache(model, torch.tensor(prompts[group[0]][:shared], device=device), fused=fused)
         shared = 0 if prefix is None else shared
+        synchronize(device)
         seconds += time.perf_counter() - t0
         group.sort(key=lambda i: lengths[i])
         for start in range(0, len(group), batch_size):
