@@ -1,15 +1,22 @@
-"""Fused against unfused kernels, step by step in one process: each step runs both ways (order
+"""One piece of the fast path on against off, step by step in one process: each step runs both ways (order
 alternating), so the machine's drift between bench rows cancels out.
 
-    python -m bench.paired [--steps 14]   (after `make bench`, which leaves the model and token cache in bench/out)
+    python -m bench.paired [--piece fused_kernels] [--steps 14]   (after `make bench`, which leaves the model
+    and token cache in bench/out)
 
-Start it as the train rule starts training (LD_PRELOAD=$(python -m instructflow.kernels.allocator)) to compare
-like for like. The learning rate is tiny so both runs of a step see nearly the same weights.
+Pieces: fused_kernels (train.advanced.fused_kernels), loss (the fused linear + cross-entropy against the
+model's own logits), lean_layers (kernels/lean_layers.py against the stock RMSNorm and MLP), attention (the
+row-by-row attention against the plain path's packed attention). Start it as the train rule starts training
+(LD_PRELOAD=$(python -m instructflow.kernels.allocator)) to compare like for like. The learning rate is tiny
+so both runs of a step see nearly the same weights. `--precision fp32` on a bf16 CPU with
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` set stands in for a CPU without
+native bf16 (its kernels' code path, not its speed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -19,13 +26,41 @@ import torch
 from instructflow import precision as precisions
 from instructflow.batching import BatchPlanner
 from instructflow.config import train_settings
+from instructflow import kernels
 from instructflow.examples import Examples
 from instructflow.kernels import fused
-from instructflow.train import ResponseLoss, build_setup, start_accelerator, train_step
+from instructflow.loss import response_loss_sum
+from instructflow.modeling import load_model
+from instructflow.train import ResponseLoss, TrainingSetup, no_kwargs, plain_setup, start_accelerator, train_step
 
 from .common import usable_cores
 
 OUT = Path(__file__).resolve().parent / "out"
+PIECES = ("fused_kernels", "loss", "lean_layers", "attention")
+
+
+def switch(piece: str, setup: TrainingSetup, plain_attention: str):
+    """A function that turns ``piece`` on or off and returns the setup a step then runs with."""
+    model = setup.model
+    lean = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m)}  # what lean_layers.patch set
+    fast_attention = model.config._attn_implementation
+
+    def to(on: bool) -> TrainingSetup:
+        if piece == "fused_kernels":
+            fused.enable(on)
+        elif piece == "lean_layers":
+            for module, forward in lean.items():
+                if on:
+                    module.forward = forward
+                else:
+                    vars(module).pop("forward", None)
+        elif piece == "attention":
+            model.set_attn_implementation(fast_attention if on else plain_attention)
+            return setup if on else dataclasses.replace(setup, forward_kwargs=no_kwargs)
+        elif piece == "loss":
+            return setup if on else dataclasses.replace(setup, loss=response_loss_sum)
+        return setup
+    return to
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--model", type=Path, default=OUT / "model")
     parser.add_argument("--train", type=Path, default=OUT / "data" / "train.safetensors")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="train.precision")
+    parser.add_argument("--piece", default="fused_kernels", choices=PIECES)
     args = parser.parse_args(argv)
     torch.set_num_threads(usable_cores())
     accelerator = start_accelerator()
@@ -40,33 +77,35 @@ def main(argv: list[str] | None = None) -> None:
     # The train stage's own setup and step (train.build_setup, train.train_step); a tiny learning rate so
     # both runs of a step see nearly the same weights.
     settings = train_settings({"method": "full", "learning_rate": 1e-7})
-    setup = build_setup(settings, args.model, accelerator.device, precisions.resolve("auto", accelerator.device),
-                        longest_row=int(examples.lengths.max()))
+    precision = precisions.resolve(args.precision, accelerator.device)
+    model, attention = load_model(args.model, device=accelerator.device)
+    setup = kernels.apply(plain_setup(model, attention, settings, precision), settings,
+                          longest_row=int(examples.lengths.max()))
+    to = switch(args.piece, setup, attention.implementation)
     wrapped = ResponseLoss(setup).train()
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
                            world_size=1, seed=settings["seed"], pack=setup.packing)
 
-    def step(index: int) -> tuple[float, int]:
+    def step(index: int, on: bool) -> tuple[float, int]:
+        wrapped.setup = now = to(on)
         plan = planner.step(index)
         start = time.perf_counter()
-        _, tokens = train_step(setup, wrapped, accelerator, examples, plan)
+        _, tokens = train_step(now, wrapped, accelerator, examples, plan)
         setup.precision.step(settings["max_grad_norm"])
         return time.perf_counter() - start, tokens
     for on in (True, False):  # warm-up: compiling, oneDNN's kernels, the allocator's pools
-        fused.enable(on)
-        step(0)
+        step(0, on)
     ratios = []
     for index in range(1, args.steps + 1):
         seconds = {}
         for on in ((True, False) if index % 2 else (False, True)):
-            fused.enable(on)
-            seconds[on], tokens = step(index)
+            seconds[on], tokens = step(index, on)
         ratios.append(seconds[False] / seconds[True])
-        print(f"step {index}: {tokens} tokens, fused {tokens / seconds[True]:.1f} tok/s, unfused "
+        print(f"step {index}: {tokens} tokens, with {tokens / seconds[True]:.1f} tok/s, without "
               f"{tokens / seconds[False]:.1f} tok/s, ratio {ratios[-1]:.3f}", flush=True)
     faster = sum(r > 1 for r in ratios)
-    print(f"fused / unfused speed: median {statistics.median(ratios):.3f} over {len(ratios)} paired steps "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f}; fused faster in {faster})")
+    print(f"{args.piece} ({precision}), with / without speed: median {statistics.median(ratios):.3f} over "
+          f"{len(ratios)} paired steps (range {min(ratios):.2f}-{max(ratios):.2f}; faster with it in {faster})")
 
 
 if __name__ == "__main__":

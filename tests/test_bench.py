@@ -304,3 +304,40 @@ def test_step_profile_times_each_setting_and_shows_where_the_step_goes(tiny_mode
     assert all(float(s) > 0 and int(rate) > 0 for _, s, rate, _ in lines)
     assert float(lines[1][3]) > float(lines[0][3])  # twice the rows, more tokens a step
     assert "aten::mm" in out and "Self CPU time total" in out and "path: fast" in out
+
+
+def test_paired_steps_switch_one_piece_of_the_fast_path_off_and_on_again(tiny_model_dir, train_examples, capsys):
+    """bench/paired.py: each piece, switched off, runs what the plain path runs, and switched on again, the fast
+    path's; a run prints one ratio per step and their median."""
+    import re
+
+    from bench import paired
+    from instructflow import kernels
+    from instructflow.config import train_settings
+    from instructflow.kernels import fused
+    from instructflow.loss import response_loss_sum
+    from instructflow.modeling import load_model
+    from instructflow.train import no_kwargs, plain_setup
+
+    settings = train_settings({"method": "full"})
+    model, attention = load_model(tiny_model_dir("llama"))
+    setup = kernels.apply(plain_setup(model, attention, settings, "fp32"), settings, longest_row=64)
+    fast_attention = model.config._attn_implementation
+    patched = [m for m in model.modules() if "forward" in vars(m)]
+    assert patched and fast_attention != attention.implementation and setup.loss is not response_loss_sum
+    for piece in paired.PIECES:
+        to = paired.switch(piece, setup, attention.implementation)
+        off = to(False)
+        assert {"fused_kernels": not fused.enabled(),
+                "loss": off.loss is response_loss_sum and off.forward_kwargs is setup.forward_kwargs,
+                "lean_layers": not any("forward" in vars(m) for m in patched),
+                "attention": model.config._attn_implementation == attention.implementation
+                and off.forward_kwargs is no_kwargs}[piece], piece
+        assert to(True) is setup and fused.enabled() and model.config._attn_implementation == fast_attention
+        assert all("forward" in vars(m) for m in patched), piece
+
+    paired.main(["--model", str(tiny_model_dir("llama")), "--train", str(train_examples[1]), "--steps", "2",
+                 "--piece", "lean_layers", "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert len(re.findall(r"step \d: \d+ tokens, with [\d.]+ tok/s, without [\d.]+ tok/s", out)) == 2
+    assert re.search(r"lean_layers \(fp32\), with / without speed: median [\d.]+ over 2 paired steps", out)
