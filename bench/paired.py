@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from instructflow import kernels
 from instructflow import precision as precisions
 from instructflow.batching import BatchPlanner
 from instructflow.config import train_settings
-from instructflow import kernels
 from instructflow.examples import Examples
 from instructflow.kernels import fused
 from instructflow.loss import response_loss_sum
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(usable_cores())
     accelerator = start_accelerator()
     examples = Examples.load(args.train)
-    # The train stage's own setup and step (train.build_setup, train.train_step); a tiny learning rate so
-    # both runs of a step see nearly the same weights.
+    # The train stage's own setup (train.build_setup's pieces, keeping the plain attention's name) and step
+    # (train.train_step); a tiny learning rate so both runs of a step see nearly the same weights.
     settings = train_settings({"method": "full", "learning_rate": 1e-7})
     precision = precisions.resolve(args.precision, accelerator.device)
     model, attention = load_model(args.model, device=accelerator.device)
