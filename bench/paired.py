@@ -39,6 +39,14 @@ OUT = Path(__file__).resolve().parent / "out"
 PIECES = ("fused_kernels", "loss", "lean_layers", "attention")
 
 
+def build(model_dir: Path, settings: dict, precision: str, longest_row: int,
+          device=None) -> tuple[TrainingSetup, str]:
+    """train.build_setup's setup (full fine-tuning), and the attention implementation the plain path runs."""
+    model, attention = load_model(model_dir, device=device)
+    setup = kernels.apply(plain_setup(model, attention, settings, precision), settings, longest_row=longest_row)
+    return setup, attention.implementation
+
+
 def switch(piece: str, setup: TrainingSetup, plain_attention: str):
     """A function that turns ``piece`` on or off and returns the setup a step then runs with."""
     model = setup.model
@@ -74,14 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(usable_cores())
     accelerator = start_accelerator()
     examples = Examples.load(args.train)
-    # The train stage's own setup (train.build_setup's pieces, keeping the plain attention's name) and step
-    # (train.train_step); a tiny learning rate so both runs of a step see nearly the same weights.
+    # The train stage's own setup and step (train.train_step); a tiny learning rate so both runs of a step see
+    # nearly the same weights.
     settings = train_settings({"method": "full", "learning_rate": 1e-7})
     precision = precisions.resolve(args.precision, accelerator.device)
-    model, attention = load_model(args.model, device=accelerator.device)
-    setup = kernels.apply(plain_setup(model, attention, settings, precision), settings,
-                          longest_row=int(examples.lengths.max()))
-    to = switch(args.piece, setup, attention.implementation)
+    setup, plain_attention = build(args.model, settings, precision, int(examples.lengths.max()),
+                                    accelerator.device)
+    to = switch(args.piece, setup, plain_attention)
     wrapped = ResponseLoss(setup).train()
     planner = BatchPlanner(examples, batch_size=settings["batch_size"], micro_batch_size=settings["micro_batch_size"],
                            world_size=1, seed=settings["seed"], pack=setup.packing)

@@ -312,26 +312,23 @@ def test_paired_steps_switch_one_piece_of_the_fast_path_off_and_on_again(tiny_mo
     import re
 
     from bench import paired
-    from instructflow import kernels
     from instructflow.config import train_settings
     from instructflow.kernels import fused
     from instructflow.loss import response_loss_sum
-    from instructflow.modeling import load_model
-    from instructflow.train import no_kwargs, plain_setup
+    from instructflow.train import no_kwargs
 
-    settings = train_settings({"method": "full"})
-    model, attention = load_model(tiny_model_dir("llama"))
-    setup = kernels.apply(plain_setup(model, attention, settings, "fp32"), settings, longest_row=64)
+    setup, plain_attention = paired.build(tiny_model_dir("llama"), train_settings({"method": "full"}), "fp32", 64)
+    model = setup.model
     fast_attention = model.config._attn_implementation
     patched = [m for m in model.modules() if "forward" in vars(m)]
-    assert patched and fast_attention != attention.implementation and setup.loss is not response_loss_sum
+    assert patched and fast_attention != plain_attention and setup.loss is not response_loss_sum
     for piece in paired.PIECES:
-        to = paired.switch(piece, setup, attention.implementation)
+        to = paired.switch(piece, setup, plain_attention)
         off = to(False)
         assert {"fused_kernels": not fused.enabled(),
                 "loss": off.loss is response_loss_sum and off.forward_kwargs is setup.forward_kwargs,
                 "lean_layers": not any("forward" in vars(m) for m in patched),
-                "attention": model.config._attn_implementation == attention.implementation
+                "attention": model.config._attn_implementation == plain_attention
                 and off.forward_kwargs is no_kwargs}[piece], piece
         assert to(True) is setup and fused.enabled() and model.config._attn_implementation == fast_attention
         assert all("forward" in vars(m) for m in patched), piece
