@@ -25,7 +25,7 @@ at the start and after each system) in the precision the system trains in (bf16 
 which computes no weight gradients of the frozen layers); MFU (counted) = the FLOPs each step computed,
 padding included where a system computes on it (bench/flops.py), per second.
 
-docs/benchmarks.md keeps one section per machine class ("bf16 CPU", "fp32 CPU", "GPU: <name>"), from
+docs/benchmarks.md keeps one section per machine class ("bf16 CPU", "bf16 CPU with AMX", "fp32 CPU", "GPU: <name>"), from
 docs/benchmarks.json (one report per class): --docs replaces only this machine's class. --keep-results
 starts from that class's stored results and replaces only the systems run now (e.g. the bigger models
 alone); --systems with no names rewrites the docs from the stored JSON.
@@ -60,23 +60,27 @@ TRAINERS = ("recipe_2023", "trl_packed", "trl", "ours_full", "ours_full_masters"
 # Bigger models (bench/models.py): our train stage on each, full and LoRA; "system@model".
 BIG_SYSTEMS = tuple(f"{system}@{model}" for model in bench_models.BIGGER for system in ("ours_full", "ours_lora"))
 DEFAULT_SYSTEMS = (*(t for t in TRAINERS if t != "trl_lora"), "generation", *BIG_SYSTEMS)
-CLASS_ORDER = ("bf16 CPU", "fp32 CPU")
+CLASS_ORDER = ("bf16 CPU", "bf16 CPU with AMX", "fp32 CPU")
 GIB = 2**30
 
 
-# The CPU flags that decide which precision is fast: native bf16 (AVX-512 BF16, AMX) or fp32 only (AVX2).
+# The CPU flags that decide which precision is fast: native bf16 (AVX-512 BF16, AMX) or fp32 only (AVX2). AMX is a
+# class of its own: its bf16 matmul peak is several times AVX-512 BF16's on as many cores (2,400-2,700 against ~420
+# GFLOP/s on 2 cores, docs/speed.md), so its MFU and tok/s compare with neither.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # What --fp32 studies record: the variables that keep ATen, oneDNN and MKL to a smaller instruction set.
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_info(cpuinfo: str) -> tuple[str, list[str], str]:
-    """Model name, the speed flags it has, and its machine class ("bf16 CPU" or "fp32 CPU") from /proc/cpuinfo."""
+    """Model name, the speed flags it has, and its machine class ("bf16 CPU with AMX", "bf16 CPU" or "fp32 CPU")
+    from /proc/cpuinfo."""
     lines = cpuinfo.splitlines()
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     present = [f for f in SPEED_FLAGS if f in flags]
-    return name, present, "bf16 CPU" if {"avx512_bf16", "amx_bf16"} & flags else "fp32 CPU"
+    kind = "bf16 CPU with AMX" if "amx_bf16" in flags else "bf16 CPU" if "avx512_bf16" in flags else "fp32 CPU"
+    return name, present, kind
 
 
 def machine() -> dict:

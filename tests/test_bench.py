@@ -10,17 +10,22 @@ from bench.run import cpu_info  # noqa: E402
 
 ZEN2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n"
 ZEN4 = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16 avx512vl\n"
+XEON_AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
 def test_cpu_class_follows_native_bf16():
     assert cpu_info(ZEN2) == ("AMD EPYC 7B12", ["avx2"], "fp32 CPU")
     assert cpu_info(ZEN4) == ("AMD EPYC 9B14", ["avx2", "avx512f", "avx512_bf16"], "bf16 CPU")
+    # AMX's bf16 matmuls are several times AVX-512 BF16's: a class of its own.
+    assert cpu_info(XEON_AMX) == ("Intel(R) Xeon(R) Processor", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"],
+                                  "bf16 CPU with AMX")
 
 
 def test_this_machine_is_classed_by_its_own_flags():
     text = Path("/proc/cpuinfo").read_text()
     _, flags, kind = cpu_info(text)
-    assert (kind == "bf16 CPU") == ("avx512_bf16" in text.split() or "amx_bf16" in text.split())
+    words = text.split()
+    assert kind == ("bf16 CPU with AMX" if "amx_bf16" in words else "bf16 CPU" if "avx512_bf16" in words else "fp32 CPU")
     assert set(flags) <= set(text.split())
 
 
