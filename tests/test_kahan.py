@@ -95,10 +95,13 @@ def test_fused_step_moves_weights_as_optimis_own_step():
             if step == 3:  # a scheduler's new learning rate is new data for the compiled kernel
                 for opt in (fused_opt, optimi_opt):
                     opt.param_groups[0]["lr"] = 3e-4
+            # From step 2 on, clipping's scale: the kernel applies it as it reads the gradient, optimi gets the
+            # gradient scaled beforehand (a power of two: the same values, no rounding in between).
+            scale = torch.tensor(0.25) if step >= 2 else None
             for a, b in zip(fused_layer.parameters(), optimi_layer.parameters()):
                 a.grad = torch.randn_like(a)
-                b.grad = a.grad.clone()
-            fused_opt.step()
+                b.grad = a.grad.clone() if scale is None else a.grad * scale
+            fused_opt.step(grad_scale=scale)
             with fused.unfused():  # optimi's per-tensor loop
                 optimi_opt.step()
         assert fused.report()["kahan_adamw"] == "compiled"
@@ -114,3 +117,21 @@ def test_fused_step_moves_weights_as_optimis_own_step():
         for key in ("exp_avg", "exp_avg_sq"):  # bf16 moments, each step rounded differently: a few ulps
             torch.testing.assert_close(fused_opt.state[a][key].float(), optimi_opt.state[b][key].float(),
                                        rtol=2**-5, atol=1e-6)
+
+
+def test_the_fused_steps_scale_is_the_gradients_scaled_first_where_the_step_falls_back():
+    # Fused kernels off: optimi's own step runs, on the gradients scaled in place first (Plain's clipping).
+    torch.manual_seed(0)
+    scaled_layer, plain_layer = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    plain_layer.load_state_dict(scaled_layer.state_dict())
+    scaled_opt = optimizer_for(scaled_layer, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    plain_opt = optimizer_for(plain_layer, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    with fused.unfused():
+        for _ in range(3):
+            for a, b in zip(scaled_layer.parameters(), plain_layer.parameters()):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad * 0.25
+            scaled_opt.step(grad_scale=torch.tensor(0.25))
+            plain_opt.step()
+    for a, b in zip(scaled_layer.parameters(), plain_layer.parameters()):
+        assert torch.equal(a, b) and torch.equal(scaled_opt.state[a]["exp_avg"], plain_opt.state[b]["exp_avg"])

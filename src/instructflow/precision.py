@@ -91,12 +91,15 @@ class Plain:
     def step(self, max_grad_norm: float) -> float:
         norm = grad_norm(self.params)
         value = checked(norm)  # before the step: a non-finite gradient never reaches the weights
-        if max_grad_norm:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
-                                torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
-        self.optimizer.step()
+        self.update(torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) if max_grad_norm else None)
         self.optimizer.zero_grad(set_to_none=True)
         return value
+
+    def update(self, grad_scale: torch.Tensor | None) -> None:
+        """The optimiser's step on the gradients times ``grad_scale`` (the clipping; None: as they are)."""
+        if grad_scale is not None:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], grad_scale)
+        self.optimizer.step()
 
     def state_dict(self) -> dict:
         return {"trainable": {name: p.detach().cpu() for name, p in self.named},

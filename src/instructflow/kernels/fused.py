@@ -204,15 +204,15 @@ def kahan_adamw(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     """One AdamW step without weight decay for a bf16 parameter whose lost low bits are kept in
     ``kahan_comp`` (optimi's Kahan-summed AdamW), in place: one pass over the five tensors, where
     optimi's per-tensor loop makes about ten. ``hyper`` holds [lr, 1 - beta1_hat, beta2_hat,
-    1 - beta2_hat, eps] (optimi's debiased betas) as an fp32 tensor, so a new learning rate or step is new
-    data, not a recompile.
+    1 - beta2_hat, eps, grad_scale] (optimi's debiased betas; the clipping's scale of the gradient) as an fp32
+    tensor, so a new learning rate, step or scale is new data, not a recompile.
 
     The compensation keeps exactly what rounding the new weight to bf16 lost, so the compiled kernel must
     round as eager code does (``emulate_precision_casts``): without it inductor keeps the rounded weight in
     fp32 and the compensation cancels the update. The moments are rounded once, at the end, where optimi
     rounds after each operation."""
-    lr, beta1_comp, beta2_hat, beta2_comp, eps = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]
-    g = grad.float()
+    lr, beta1_comp, beta2_hat, beta2_comp, eps, grad_scale = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5]
+    g = grad.float() * grad_scale
     m = exp_avg.float().lerp(g, beta1_comp).to(exp_avg.dtype)
     v = (exp_avg_sq.float() * beta2_hat + beta2_comp * g * g).to(exp_avg_sq.dtype)
     comp = kahan_comp.float() - lr * m.float() / (v.float().sqrt() + eps)
