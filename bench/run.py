@@ -27,8 +27,8 @@ padding included where a system computes on it (bench/flops.py), per second.
 
 docs/benchmarks.md keeps one section per machine class ("bf16 CPU", "bf16 CPU with AMX", "fp32 CPU",
 "GPU: <name>"), from docs/benchmarks.json (one report per class): --docs replaces only this machine's class.
---keep-results starts from that class's stored results and replaces only the systems run now (e.g. the bigger models
-alone); --systems with no names rewrites the docs from the stored JSON.
+--keep-results starts from that class's stored results and replaces only the systems run now (e.g. the bigger
+models alone); --systems with no names rewrites the docs from the stored JSON.
 """
 
 from __future__ import annotations

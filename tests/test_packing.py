@@ -41,6 +41,11 @@ def _loss(model, batch) -> tuple[float, int]:
     return float(loss), n
 
 
+def _leaky(packed: dict) -> dict:
+    """The packed batch without its row boundaries: one position run over all rows, so they see each other."""
+    return {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0), "seq_lens": None}
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_and_padded_loss_equal_rows_one_by_one(arch, kernel):
@@ -56,9 +61,7 @@ def test_packed_and_padded_loss_equal_rows_one_by_one(arch, kernel):
 
     # The check can fail: without the row boundaries, packed rows see each other, which moves the loss of
     # these random models by 1e-4 to 1e-3 of itself: well outside the 1e-5 of the exact check.
-    packed = collate(examples, rows, pack=True)
-    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0), "seq_lens": None}
-    assert _loss(model, leaky)[0] != pytest.approx(expected, rel=5e-5)
+    assert _loss(model, _leaky(collate(examples, rows, pack=True)))[0] != pytest.approx(expected, rel=5e-5)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -68,10 +71,9 @@ def test_packed_gradients_match_padded(kernel):
     examples = _examples(seed=1, shape=((9, 4), (300, 100), (5, 2), (270, 30), (12, 7), (2, 1)))
     rows = list(range(len(examples)))
     packed = collate(examples, rows, pack=True)
-    # The check can fail: without the row boundaries, packed rows see each other.
-    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0), "seq_lens": None}
     grads = []
-    for batch in (collate(examples, rows, pack=False), packed, leaky):
+    # The check can fail: without the row boundaries, packed rows see each other.
+    for batch in (collate(examples, rows, pack=False), packed, _leaky(packed)):
         model.zero_grad()
         loss, _ = response_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
                                     **_forward_kwargs(model, batch))

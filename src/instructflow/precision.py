@@ -56,6 +56,11 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
+def scale_gradients(params: list[torch.Tensor], scale: torch.Tensor) -> None:
+    """Multiply the parameters' gradients by ``scale`` (the clipping's), in place."""
+    torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+
+
 class NonFiniteGradient(FloatingPointError):
     """The global gradient norm is inf or nan: raised before the optimiser steps, so the weights and the
     optimiser state are untouched (the training loop turns it into a TrainingError naming the step)."""
@@ -98,7 +103,7 @@ class Plain:
     def update(self, grad_scale: torch.Tensor | None) -> None:
         """The optimiser's step on the gradients times ``grad_scale`` (the clipping; None: as they are)."""
         if grad_scale is not None:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], grad_scale)
+            scale_gradients(self.params, grad_scale)
         self.optimizer.step()
 
     def state_dict(self) -> dict:

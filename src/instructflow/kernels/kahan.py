@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..precision import BETAS, Plain, trainable
+from ..precision import BETAS, Plain, scale_gradients, trainable
 from . import fused
 from .allocator import trim
 
@@ -92,8 +92,7 @@ def _fused_adamw_class():
             if closure is not None or param is not None or not fused.enabled() \
                     or any(group["weight_decay"] for group in self.param_groups):
                 if grad_scale is not None:
-                    torch._foreach_mul_([p.grad for group in self.param_groups for p in group["params"]
-                                         if p.grad is not None], grad_scale)
+                    scale_gradients([p for group in self.param_groups for p in group["params"]], grad_scale)
                 return super().step(closure, param)
             for group in self.param_groups:
                 params, grads, exp_avgs, exp_avg_sqs, comps = [], [], [], [], []
