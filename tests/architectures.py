@@ -79,11 +79,11 @@ ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def tiny_config(name: str, vocab_size: int, eos_id: int, pad_id: int):
+def tiny_config(name: str, vocab_size: int, eos_id: int, pad_id: int, **overrides):
     """The tiny config of architecture ``name`` (a key of ARCHITECTURES) for this vocabulary."""
     from transformers import AutoConfig
 
     model_type, style, extra = ARCHITECTURES[name]
     kwargs = {**_STYLES[style], "vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id,
-              "pad_token_id": pad_id, **extra}
+              "pad_token_id": pad_id, **extra, **overrides}
     return AutoConfig.for_model(model_type, **kwargs)

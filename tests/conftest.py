@@ -60,11 +60,12 @@ def build_tokenizer(pad_is_eos: bool = False, vocab_size: int = 512):
                                    unk_token=None, chat_template=CHAT_TEMPLATE)
 
 
-def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, attn: str | None = None):
-    """A tiny random model of architecture ``arch`` (a name in tests/architectures.py)."""
+def build_model(arch: str, vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, attn: str | None = None,
+                **config):
+    """A tiny random model of architecture ``arch`` (a name in tests/architectures.py), ``config`` set on its config."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, vocab_size, eos_id, pad_id)
+    config = tiny_config(arch, vocab_size, eos_id, pad_id, **config)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn).eval()
 

@@ -114,6 +114,13 @@ def test_plain_and_fast_training_follow_the_same_trajectory(arch, tiny_model_dir
     # Stated tolerance: the same losses to 1e-4 relative after three AdamW steps in fp32 (the fused loss and
     # the lean layers round differently in the last bits, and AdamW's first steps amplify that a little).
     assert fast == pytest.approx(plain, rel=1e-4), (arch, fast_summary)
+    # Where the input embedding is the output layer's weight, the fast path makes its lookup gradient sparse.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert fast_summary["embedding_gradient"] == ("sparse (tied to the output layer)" if tied else "dense"), arch
+    assert "embedding_gradient" not in plain_summary
 
 
 @pytest.mark.parametrize("arch, reason", [

@@ -1,0 +1,66 @@
+"""The fast path's sparse lookup gradient for an input embedding tied to the output layer
+(kernels._embedding_gradient): the same gradients as the dense lookup over micro-batches that accumulate,
+the weight's gradient still dense, no vocabulary-sized dense lookup gradient made, and untied or frozen
+embeddings left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from instructflow import kernels
+from instructflow.examples import IGNORE_INDEX
+from instructflow.kernels import linear_cross_entropy
+
+VOCAB = 512
+
+
+def _llama(tie: bool):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _accumulated_grads(model):
+    """Gradients of two micro-batches' fused losses, accumulated as training does; the backward's op names."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for length in (24, 17):
+            ids = torch.randint(0, VOCAB, (3, length), generator=generator)
+            labels = ids.clone()
+            labels[:, :5] = IGNORE_INDEX
+            loss, _ = linear_cross_entropy.response_loss_sum(model, ids, labels)
+            loss.backward()
+    ops = {event.key for event in prof.key_averages()}
+    return {name: p.grad for name, p in model.named_parameters()}, ops
+
+
+def test_a_tied_embedding_gets_a_sparse_lookup_gradient_and_the_same_weight_gradient():
+    dense = _llama(tie=True)
+    sparse = copy.deepcopy(dense)
+    assert kernels._embedding_gradient(sparse) == "sparse (tied to the output layer)"
+    dense_grads, dense_ops = _accumulated_grads(dense)
+    sparse_grads, sparse_ops = _accumulated_grads(sparse)
+    # The flag reaches the model's own lookup: no dense lookup gradient (a vocabulary-sized tensor) is made.
+    assert "aten::embedding_dense_backward" in dense_ops
+    assert "aten::embedding_dense_backward" not in sparse_ops and "aten::embedding_backward" in sparse_ops
+    assert dense_grads.keys() == sparse_grads.keys()
+    for name, grad in dense_grads.items():
+        assert not sparse_grads[name].is_sparse, name  # what clipping and the optimisers read
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
+    weight = sparse.get_input_embeddings().weight
+    assert weight.grad.abs().sum(dim=1).gt(0).all()  # the output layer's part reaches every row
+
+
+def test_untied_or_frozen_embeddings_keep_the_dense_lookup_gradient():
+    untied = _llama(tie=False)
+    assert kernels._embedding_gradient(untied) == "dense"
+    assert not untied.get_input_embeddings().sparse
+    frozen = _llama(tie=True)
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert kernels._embedding_gradient(frozen) == "dense"
+    assert not frozen.get_input_embeddings().sparse
