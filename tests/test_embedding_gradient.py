@@ -1,7 +1,7 @@
 """The fast path's sparse lookup gradient for an input embedding tied to the output layer
 (kernels._embedding_gradient): the same gradients as the dense lookup over micro-batches that accumulate,
-the weight's gradient still dense, no vocabulary-sized dense lookup gradient made, and untied or frozen
-embeddings left alone."""
+the weight's gradient still dense, no vocabulary-sized dense lookup gradient made; untied or frozen
+embeddings, and any under a process group (DDP), left alone."""
 
 from __future__ import annotations
 
@@ -64,3 +64,21 @@ def test_untied_or_frozen_embeddings_keep_the_dense_lookup_gradient():
     frozen.get_input_embeddings().weight.requires_grad_(False)
     assert kernels._embedding_gradient(frozen) == "dense"
     assert not frozen.get_input_embeddings().sparse
+
+
+def test_no_sparse_lookup_gradient_where_a_process_group_is_up():
+    # DDP's reducer expects a sparse gradient from a sparse embedding (tests/test_multiprocess.py trains under it).
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        tied = _llama(tie=True)
+        assert kernels._embedding_gradient(tied) == "dense" and not tied.get_input_embeddings().sparse
+    finally:
+        dist.destroy_process_group()
+    assert kernels._embedding_gradient(tied) == "sparse (tied to the output layer)"

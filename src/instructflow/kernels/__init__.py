@@ -14,7 +14,7 @@ checked on the model it is about to serve before it is used:
 - lean_layers.py     RMSNorm and SwiGLU layers that keep less for backward; checked per module
 - fused.py           elementwise chains compiled by torch.compile (eager with a warning where that fails)
 - allocator.py       jemalloc, preloaded by the launcher (`instructflow train`)
-- (here)             an input embedding tied to the output layer gets a sparse lookup gradient (one process)
+- (here)             an input embedding tied to the output layer gets a sparse lookup gradient (not under DDP)
 - shared_prefill.py  evaluation: the loss and the generations from one pass over the prompts, a prefix the rows'
                      prompts share run once; checked: the same loss and continuation as the rows' own forward
                      passes on this model (evaluate.py calls it)
@@ -98,22 +98,24 @@ def _embedding_gradient(model) -> str:
     lookup's gradient is made sparse. Dense, every micro-batch fills a vocabulary-sized tensor with zeros, writes the
     looked-up rows, and autograd adds all of it to the output layer's gradient of the same weight: two passes over
     28M values for SmolLM2-135M. Sparse, that sum touches the looked-up rows only. The weight's gradient stays
-    dense (the output layer's part of it is), so clipping and the optimisers see what they saw. Not with several
-    processes: DDP's reducer expects a sparse gradient from a sparse embedding, and gets the dense sum."""
+    dense (the output layer's part of it is), so clipping and the optimisers see what they saw. Not under DDP,
+    whose reducer expects a sparse gradient from a sparse embedding and gets the dense sum."""
     import torch
 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = isinstance(embedding, torch.nn.Embedding) and embedding.weight is getattr(head, "weight", None)
-    if not tied or not embedding.weight.requires_grad or _processes() > 1:
+    if not tied or not embedding.weight.requires_grad or _distributed():
         return "dense"
     embedding.sparse = True
     return "sparse (tied to the output layer)"
 
 
-def _processes() -> int:
+def _distributed() -> bool:
+    """Whether a process group is up, as under DDP (accelerate's MULTI_CPU wraps the model in DDP whatever the
+    process count)."""
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.is_available() and dist.is_initialized()
 
 
 def _precision(model, settings: dict, plain):
