@@ -6,7 +6,8 @@ alternating), so the machine's drift between bench rows cancels out.
 
 Pieces: fused_kernels (train.advanced.fused_kernels), loss (the fused linear + cross-entropy against the
 model's own logits), lean_layers (kernels/lean_layers.py against the stock RMSNorm and MLP), attention (the
-row-by-row attention against the plain path's packed attention). Start it as the train rule starts training
+row-by-row attention against the plain path's packed attention), embedding_gradient (a tied embedding's sparse
+lookup gradient against the dense one). Start it as the train rule starts training
 (LD_PRELOAD=$(python -m instructflow.kernels.allocator)) to compare like for like. The learning rate is tiny
 so both runs of a step see nearly the same weights. `--precision fp32` on a bf16 CPU with
 `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` set stands in for a CPU without
@@ -36,7 +37,7 @@ from instructflow.train import ResponseLoss, TrainingSetup, no_kwargs, plain_set
 from .common import usable_cores
 
 OUT = Path(__file__).resolve().parent / "out"
-PIECES = ("fused_kernels", "loss", "lean_layers", "attention")
+PIECES = ("fused_kernels", "loss", "lean_layers", "attention", "embedding_gradient")
 
 
 def build(model_dir: Path, settings: dict, precision: str, longest_row: int,
@@ -67,6 +68,10 @@ def switch(piece: str, setup: TrainingSetup, plain_attention: str):
             return setup if on else dataclasses.replace(setup, forward_kwargs=no_kwargs)
         elif piece == "loss":
             return setup if on else dataclasses.replace(setup, loss=response_loss_sum)
+        elif piece == "embedding_gradient":
+            if setup.applied["embedding_gradient"] == "dense":
+                raise SystemExit("this model's embedding gradient stays dense (not tied to the output layer)")
+            model.get_input_embeddings().sparse = on
         return setup
     return to
 

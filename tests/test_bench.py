@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.run import cpu_info  # noqa: E402
@@ -329,7 +331,7 @@ def test_paired_steps_switch_one_piece_of_the_fast_path_off_and_on_again(tiny_mo
     fast_attention = model.config._attn_implementation
     patched = [m for m in model.modules() if "forward" in vars(m)]
     assert patched and fast_attention != plain_attention and setup.loss is not response_loss_sum
-    for piece in paired.PIECES:
+    for piece in [p for p in paired.PIECES if p != "embedding_gradient"]:  # that one below, on a tied model
         to = paired.switch(piece, setup, plain_attention)
         off = to(False)
         assert {"fused_kernels": not fused.enabled(),
@@ -339,6 +341,12 @@ def test_paired_steps_switch_one_piece_of_the_fast_path_off_and_on_again(tiny_mo
                 and off.forward_kwargs is no_kwargs}[piece], piece
         assert to(True) is setup and fused.enabled() and model.config._attn_implementation == fast_attention
         assert all("forward" in vars(m) for m in patched), piece
+    with pytest.raises(SystemExit, match="stays dense"):  # tiny Llama's embedding is not tied
+        paired.switch("embedding_gradient", setup, plain_attention)(False)
+    tied, tied_attention = paired.build(tiny_model_dir("gpt2"), train_settings({"method": "full"}), "fp32", 64)
+    embedding, to = tied.model.get_input_embeddings(), paired.switch("embedding_gradient", tied, tied_attention)
+    assert embedding.sparse and to(False) is tied and not embedding.sparse
+    assert to(True) is tied and embedding.sparse
 
     paired.main(["--model", str(tiny_model_dir("llama")), "--train", str(train_examples[1]), "--steps", "2",
                  "--piece", "lean_layers", "--precision", "fp32"])
