@@ -9,6 +9,7 @@ import copy
 
 import torch
 
+from conftest import build_model
 from instructflow import kernels
 from instructflow.examples import IGNORE_INDEX
 from instructflow.kernels import linear_cross_entropy
@@ -17,12 +18,7 @@ VOCAB = 512
 
 
 def _llama(tie: bool):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return build_model("llama", VOCAB, eos_id=2, pad_id=0, tie_word_embeddings=tie)
 
 
 def _accumulated_grads(model):
