@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
     vocab_size = _build_model_dir(model_dir)
     ex_path, prompts_path = _write_data(tmp, vocab_size)
     metrics, samples = evaluate_model(
-        model_dir, ex_path, prompts_path, max_new_tokens=6, batch_size=4, max_samples=9, dtype="float32"
+        model_dir, ex_path, prompts_path, max_new_tokens=6, batch_size=4, max_samples=9, precision="fp32"
     )
     return dict(tmp=tmp, model_dir=model_dir, vocab_size=vocab_size, ex_path=ex_path,
                 prompts_path=prompts_path, metrics=metrics, samples=samples)
@@ -224,7 +224,7 @@ def test_exact_match_one_on_own_output(setup, tmp_path):
     refs = own + ["unused"] * (N_ROWS - len(own))
     ex_path, prompts_path = _write_data(tmp_path, setup["vocab_size"], responses=refs)
     m, s = evaluate_model(setup["model_dir"], ex_path, prompts_path, max_new_tokens=6, batch_size=3,
-                          max_samples=9, dtype="float32")
+                          max_samples=9, precision="fp32")
     assert m["exact_match"] == 1.0 and m["rouge_l"] == 1.0
     assert s["exact"].all()
     assert m["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=1e-5)  # batching-independent
@@ -235,7 +235,7 @@ def test_run_evaluate_compare_and_auto_dtype(setup, tmp_path):
     d = setup["tmp"]
     metrics = run_evaluate(setup["model_dir"], setup["ex_path"], setup["prompts_path"],
                            tmp_path / "base.json", tmp_path / "base.parquet",
-                           max_new_tokens=4, batch_size=8, max_samples=5, dtype="auto")
+                           max_new_tokens=4, batch_size=8, max_samples=5, precision="auto")
     assert read_json(tmp_path / "base.json") == metrics
     assert set(metrics) == set(METRIC_KEYS) and metrics["n"] == 5
     base = read_parquet(tmp_path / "base.parquet")
@@ -294,7 +294,7 @@ def test_chat_rows_are_evaluated_on_their_last_assistant_turn(tmp_path, tiny_mod
     held_out.save(tmp_path / "eval.safetensors")
     write_parquet(tmp_path / "prompts.parquet", prompts)
     metrics, samples = evaluate_model(tiny_model_dir("llama"), tmp_path / "eval.safetensors",
-                                      tmp_path / "prompts.parquet", max_new_tokens=4, dtype="float32")
+                                      tmp_path / "prompts.parquet", max_new_tokens=4, precision="fp32")
     last_turns = [c[-1]["content"] for c in conversations]
     assert samples["reference"].tolist() == last_turns and metrics["n"] == 3
     assert metrics["n_loss_tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in last_turns)
@@ -316,9 +316,26 @@ def test_bf16_evaluation_casts_the_model_once_and_scores_close_to_fp32(setup):
     assert {p.dtype for p in evaluation_model(setup["model_dir"], torch.device("cpu"), bf16=False)[0].parameters()} \
         == {torch.float32}
     metrics, samples = evaluate_model(setup["model_dir"], setup["ex_path"], setup["prompts_path"], max_new_tokens=6,
-                                      batch_size=4, max_samples=9, dtype="bfloat16")
+                                      batch_size=4, max_samples=9, precision="bf16")
     assert metrics["eval_loss"] == pytest.approx(setup["metrics"]["eval_loss"], rel=0.02)
     assert metrics["n"] == setup["metrics"]["n"] == len(samples)
+
+
+def test_evaluate_precision_is_a_config_key(monkeypatch):
+    """evaluate.precision (auto by default) decides the evaluation model's dtype; auto follows the hardware and
+    another value is refused by the schema, naming the key."""
+    from instructflow import evaluate as evaluate_module
+    from instructflow.config import ConfigError, validate
+
+    assert validate({})["evaluate"]["precision"] == "auto"
+    assert validate({"evaluate": {"precision": "fp32"}})["evaluate"]["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="evaluate.precision"):
+        validate({"evaluate": {"precision": "fp16"}})
+    cpu = torch.device("cpu")
+    assert evaluate_module._resolve_bf16("fp32", cpu) is False and evaluate_module._resolve_bf16("bf16", cpu) is True
+    for native in (True, False):
+        monkeypatch.setattr(evaluate_module, "bf16_supported", lambda device, native=native: native)
+        assert evaluate_module._resolve_bf16("auto", cpu) is native
 
 
 def test_one_pass_over_the_prompts_gives_the_two_passes_results(setup):

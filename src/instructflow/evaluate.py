@@ -100,16 +100,16 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------- model loading
-def _resolve_bf16(dtype: str, device: torch.device) -> bool:
+def _resolve_bf16(precision: str, device: torch.device) -> bool:
     """Whether to evaluate in bf16 (the model's weights cast once: ``evaluation_model``)."""
-    dtype = str(dtype).lower()
-    if dtype in ("auto",):
+    precision = str(precision).lower()
+    if precision in ("auto",):
         return bf16_supported(device)
-    if dtype in ("float32", "fp32", "32"):
+    if precision in ("float32", "fp32", "32"):
         return False
-    if dtype in ("bfloat16", "bf16"):
+    if precision in ("bfloat16", "bf16"):
         return True
-    raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', not {dtype!r}")
+    raise ValueError(f"evaluate.precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
 
 
 def load_model(model_dir: str | os.PathLike, device: torch.device | None = None):
@@ -343,12 +343,12 @@ def evaluate_model(
     max_new_tokens: int = DEFAULTS["max_new_tokens"],
     batch_size: int = DEFAULTS["batch_size"],
     max_samples: int | None = DEFAULTS["max_samples"],
-    dtype: str = "auto",
+    precision: str = DEFAULTS["precision"],
 ) -> tuple[dict, pd.DataFrame]:
     """Loss/perplexity over all eval examples and greedy-generation scores over the first
     ``max_samples`` of them. Returns (metrics dict, per-sample DataFrame)."""
     device = pick_device()
-    model, tokenizer = evaluation_model(model_dir, device, _resolve_bf16(dtype, device))
+    model, tokenizer = evaluation_model(model_dir, device, _resolve_bf16(precision, device))
     examples = Examples.load(examples_path)
 
     texts = read_parquet(prompts_path)
