@@ -255,6 +255,8 @@ def set_key(path: str, value):
     ("tokenize.truncation", "cut", r"^config key tokenize\.truncation: 'cut' is not one of"),
     ("model.trust_remote_code", "yes", r"^config key model\.trust_remote_code: 'yes' is not of type 'boolean'"),
     ("data.path", "missing.csv", r"^config key data\.path: file 'missing\.csv' not found"),
+    ("data.path", ".", r"^config key data\.path: '\.' is a folder .*; name one file in it, or list several as "
+                       r"data\.sources"),
     ("template", "mine.yaml", r"^config key template: file 'mine\.yaml' not found"),
     ("train.args_file", "args.json", r"^config key train\.args_file: cannot read 'args\.json'"),
     ("model.base", "pkg://no_such_package/m.gguf", r"^config key model\.base: .*'no_such_package' is not installed"),
@@ -293,3 +295,23 @@ def test_config_errors_stop_snakemake_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "config key train.max_step: unknown key" in proc.stdout + proc.stderr
     assert "Job stats" not in proc.stdout + proc.stderr
+
+
+def test_runs_in_a_configfile_replace_the_default_run(tmp_path):
+    """The README's sweep: a --configfile listing runs plans those runs only. (config/config.yaml sets no runs:
+    Snakemake merges configfiles key by key, so a default run written there would be added to every sweep.)"""
+    import subprocess
+
+    def planned_runs(*configfiles):
+        extra = [arg for path in configfiles for arg in ("--configfile", str(path))]
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--snakefile",
+                               str(REPO / "Snakefile"), "--directory", str(REPO), *extra, "--cores", "1"],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return set(re.findall(r"results/runs/([A-Za-z0-9._-]+)/report\.html", proc.stdout))
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"runs": {"full": {}, "lora": {"train": {"method": "lora",
+                                                                               "learning_rate": 0.001}}}}))
+    assert planned_runs(sweep) == {"full", "lora"}
+    assert planned_runs() == {"default"}

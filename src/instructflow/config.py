@@ -371,12 +371,19 @@ def check_inputs(config: dict, runs: dict[str, dict], workdir: Path = Path("."))
     datas = {id(run["data"]): run["data"] for run in runs.values()}.values()
     for source in (source for data in datas for source in data["sources"]):
         if not (workdir / source["path"]).is_file():
-            raise ConfigError(f"config key {source['config_key']}.path: file {source['path']!r} not found "
-                              f"(from {workdir.resolve()})")
+            raise ConfigError(f"config key {source['config_key']}.path: {_not_a_file(workdir, source['path'])}")
     for name, test_set in config["evaluate"]["test_sets"].items():
         if not (workdir / test_set["path"]).is_file():
-            raise ConfigError(f"config key evaluate.test_sets.{name}.path: test set {name!r}: file {test_set['path']!r} "
-                              f"not found (from {workdir.resolve()}); point it at your evaluation file or remove the set")
+            raise ConfigError(f"config key evaluate.test_sets.{name}.path: test set {name!r}: "
+                              f"{_not_a_file(workdir, test_set['path'])}; point it at your evaluation file or "
+                              "remove the set")
+
+
+def _not_a_file(workdir: Path, path: str) -> str:
+    if (workdir / path).is_dir():
+        return (f"{path!r} is a folder (from {workdir.resolve()}); name one file in it, or list several as "
+                "data.sources")
+    return f"file {path!r} not found (from {workdir.resolve()})"
 
 
 def normalise_test_sets(config: dict) -> dict:
