@@ -382,15 +382,40 @@ def test_sharegpt_conversations(tmp_path):
     ]
 
 
+def test_a_json_file_of_one_object_is_one_record(tmp_path):
+    """A .json file holding one conversation ({"conversations": [turn, ...]}, as axolotl's fixtures are) or one
+    Alpaca record is one row, not a column per key with a row per turn; an object of lists stays columns."""
+    turns = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue"},
+             {"from": "human", "value": "Another?"}, {"from": "gpt", "value": "Red"}]
+    p = tmp_path / "one_chat.json"
+    p.write_text(json.dumps({"conversations": turns}), encoding="utf-8")
+    res = clean_table(read_table(p), source=str(p))
+    assert res.report["rows_in"] == 1 and len(res.kept) == 1, res.rejected
+    assert [t["content"] for t in json.loads(res.kept.iloc[0]["messages"])] == [t["value"] for t in turns]
+    p = tmp_path / "one_row.json"
+    p.write_text(json.dumps({"instruction": "Age?", "input": None, "output": 31}), encoding="utf-8")
+    assert read_table(p).to_dict("records") == [{"instruction": "Age?", "input": "", "output": "31"}]
+    p = tmp_path / "columns.json"
+    p.write_text(json.dumps({"instruction": ["a", "b"], "output": ["1", "2"]}), encoding="utf-8")
+    assert read_table(p)["output"].tolist() == ["1", "2"]
+    p = tmp_path / "mixed.json"
+    p.write_text(json.dumps({"instruction": ["a", "b"], "output": "1"}), encoding="utf-8")
+    with pytest.raises(CleanError, match=r"mixed\.json: a JSON object must be one record .* or map every column"):
+        read_table(p)
+
+
 def test_chat_from_parquet_and_json_string(tmp_path):
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     p = tmp_path / "c.parquet"
     pq.write_table(pa.table({"messages": [msgs]}), p)
     assert clean_table(read_table(p), source=str(p)).kept.loc[0, "output"] == "a"
-    df = pd.DataFrame({"messages": [json.dumps(msgs), "not json"]})
+    df = pd.DataFrame({"messages": [json.dumps(msgs), "not json", json.dumps({"role": "user"})]})
     res = clean_table(df, source="m.csv")
     assert res.kept.loc[0, "instruction"] == "q"
-    assert res.rejected["reason"].tolist() == ["bad_chat"]
+    assert res.rejected["reason"].tolist() == ["bad_chat", "bad_chat"]
+    assert res.rejected["detail"].tolist() == [
+        "the chat column holds text, not a list of turns ('not json'; as JSON text: Expecting value at character 1)",
+        "the chat column holds dict, not a list of turns"]
 
 
 def test_alpaca_columns_preferred_over_chat():
@@ -415,6 +440,18 @@ def test_run_clean_writes_outputs(tmp_path):
     assert kept["row"].tolist() == [1] and kept["row"].dtype == "int64"
     assert rej[["row", "reason"]].values.tolist() == [[2, "empty_instruction"]]
     assert not list(tmp_path.glob("out/*.tmp"))
+
+
+def test_a_file_with_nothing_kept_says_what_to_change(tmp_path):
+    """Every row rejected: one error whose advice follows the reason (the limit to raise for over-long rows)."""
+    p = write_csv(tmp_path / "long.csv", [("Say hi", "", "hi there"), ("Say bye", "", "bye now")])
+    outputs = [tmp_path / "out" / name for name in ("clean.parquet", "rej.parquet", "report.json")]
+    with pytest.raises(CleanError, match=r"long\.csv: all 2 rows were rejected \({'too_long': 2}.*longer than "
+                                         r"max_chars \(10 characters\): raise data\.max_chars"):
+        run_clean(p, *outputs, max_chars=10)
+    p = write_csv(tmp_path / "blank.csv", [("Say hi", "", ""), ("Say bye", "", "")])
+    with pytest.raises(CleanError, match=r"all 2 rows were rejected .*fix the data or data\.columns"):
+        run_clean(p, *outputs)
 
 
 # ----------------------------------------------------------------------------------------- cells as written

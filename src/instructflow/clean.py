@@ -309,6 +309,15 @@ def _read_csv(path: Path, text: str) -> pd.DataFrame:
     return _stringify(df)
 
 
+def _one_record(obj: dict) -> bool:
+    """Whether a JSON file's top-level object is one record rather than columns of values: no value is a list
+    of cells (text, numbers, or chat lists), each is text, a number, null, or a list of chat turns (objects)."""
+    def record_value(value):
+        return not isinstance(value, (list, dict)) or (
+            isinstance(value, list) and bool(value) and all(isinstance(turn, dict) for turn in value))
+    return bool(obj) and all(record_value(v) for v in obj.values())
+
+
 def read_table(path, config_key: str = "data") -> pd.DataFrame:
     """Read CSV/TSV, JSON, JSONL/NDJSON or Parquet into a DataFrame whose text cells are all `str`.
 
@@ -318,7 +327,9 @@ def read_table(path, config_key: str = "data") -> pd.DataFrame:
     null or an absent key, Parquet null) become "" (never NaN). Chat columns (lists of turns) keep their
     list values. A .csv whose header is one field under "," but splits under ";", tab or "|" is read
     with that separator. Rows are records: for CSV the header is not counted, for JSONL blank lines are
-    not counted; JSONL records are split on "\n" only (a U+2028 inside a string is text). ``config_key``: the
+    not counted; JSONL records are split on "\n" only (a U+2028 inside a string is text). A .json file holding one
+    object is one record where its values are text or chat turns (a ShareGPT file of one conversation), else
+    columns (name -> list of values). ``config_key``: the
     config section that names the file (``data``, or a test set's ``evaluate.test_sets.NAME``), for messages.
     """
     path = Path(path)
@@ -350,9 +361,12 @@ def read_table(path, config_key: str = "data") -> pd.DataFrame:
         if isinstance(obj, list):
             return _records_frame(path, obj, "record")
         if isinstance(obj, dict):
+            if _one_record(obj):  # {"conversations": [turn, ...]} or {"instruction": ..., "output": ...}
+                return _records_frame(path, [obj], "record")
             lists = {k: v for k, v in obj.items() if isinstance(v, list)}
             if len(lists) != len(obj) or not obj:
-                raise CleanError(f"{path}: a JSON object must map every column name to a list of values")
+                raise CleanError(f"{path}: a JSON object must be one record (text values, chat turns) or map every "
+                                 "column name to a list of values")
             lengths = {k: len(v) for k, v in lists.items()}
             if len(set(lengths.values())) > 1:
                 raise CleanError(f"{path}: JSON columns have different lengths: {lengths}")
@@ -527,8 +541,12 @@ def _parse_chat(value: Any) -> tuple[list[dict] | None, str | tuple[str, str], i
         try:
             value = _json_loads(value)
         except json.JSONDecodeError as e:
-            return None, f"messages is not valid JSON: {e.msg}", 0
-    if not isinstance(value, list) or not value:
+            shown = value if len(value) <= 40 else value[:39] + "…"
+            return None, (f"the chat column holds text, not a list of turns ({shown!r}; as JSON text: {e.msg} at "
+                          f"character {e.pos + 1})"), 0
+    if not isinstance(value, list):
+        return None, f"the chat column holds {type(value).__name__}, not a list of turns", 0
+    if not value:
         return None, "no turns", 0
     turns, repairs = [], 0
     for i, turn in enumerate(value, start=1):
@@ -729,6 +747,17 @@ def clean_sources(tables: list[tuple[dict, pd.DataFrame]], **kwargs) -> CleanRes
     return CleanResult(kept=kept_df, rejected=rejected_df, report=report)
 
 
+def _all_rejected_hint(report: dict, key: str, kwargs: dict) -> str:
+    """What to do when a source kept no row, by the reason its rows were rejected for where there is one."""
+    reasons = list(report["rejected_by_reason"])
+    if reasons == ["too_long"]:
+        return (f"every row is longer than max_chars ({kwargs.get('max_chars', DEFAULTS['max_chars'])} characters): "
+                "raise data.max_chars")
+    if reasons == ["duplicate"]:
+        return "every row repeats an earlier one (of this file or an earlier source)"
+    return f"fix the data or {key}.columns"
+
+
 def run_clean(sources, out_clean, out_rejected, out_report, *, columns: dict | None = None, config_key: str = "data",
               **kwargs) -> CleanResult:
     """Read the sources, clean them, and write kept rows (Parquet), rejected rows (Parquet) and the report (JSON).
@@ -753,7 +782,8 @@ def run_clean(sources, out_clean, out_rejected, out_report, *, columns: dict | N
             mine = result.rejected[result.rejected["source"] == source["name"]]
             first = mine.head(3)[["source_row", "reason"]].rename(columns={"source_row": "row"}).to_dict("records")
             raise CleanError(f"{path}: all {report['rows_in']} rows were rejected "
-                             f"({report['rejected_by_reason']}; first: {first}); fix the data or {key}.columns")
+                             f"({report['rejected_by_reason']}; first: {first}); "
+                             f"{_all_rejected_hint(report, key, kwargs)}")
     write_parquet(out_clean, result.kept)
     write_parquet(out_rejected, result.rejected)
     write_json(out_report, result.report)
