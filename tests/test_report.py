@@ -175,6 +175,19 @@ def test_build_report_missing_inputs(tmp_path):
     assert not p.errors and not p.stack
 
 
+def test_build_report_says_why_no_held_out_row_was_evaluated(inputs):
+    d, base, tuned = inputs
+    kwargs = dict(metrics_jsonl=d / "metrics.jsonl", eval_metrics=d / "eval.json", samples_md=d / "samples.md",
+                  clean_report=d / "clean.json", audit=d / "audit.json", train_summary=d / "train.json",
+                  loss_png=d / "plots" / "loss.png", out_md=d / "report.md", out_html=d / "report.html")
+    build_report("demo-run", **kwargs)
+    assert "No held-out row was evaluated" not in (d / "report.md").read_text()
+    empty = {"eval_loss": None, "perplexity": None, "exact_match": None, "n": 0, "n_loss_rows": 0, "n_loss_tokens": 0}
+    (d / "eval.json").write_text(json.dumps({"base": empty, "tuned": empty, "delta": {}}))
+    build_report("demo-run", **kwargs)
+    assert "No held-out row was evaluated: the held-out split is empty" in (d / "report.md").read_text()
+
+
 def test_build_report_says_what_held_out_evaluation_found(inputs):
     d, _, _ = inputs
     summary = json.loads((d / "train.json").read_text())

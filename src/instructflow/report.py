@@ -253,6 +253,11 @@ def _blocks(run, *, metrics_jsonl, eval_metrics, samples_md, clean_report, audit
         base, tuned, delta = ev.get("base", {}), ev.get("tuned", {}), ev.get("delta", {})
         rows = [[k, fmt(base.get(k)), fmt(tuned.get(k)), fmt(delta.get(k))] for k in EVAL_METRICS]
         blocks.append(("table", ["metric", "base", "tuned", "delta (tuned − base)"], rows))
+        if not base.get("n_loss_rows") and not tuned.get("n_loss_rows"):
+            blocks.append(("p", "No held-out row was evaluated: the held-out split is empty (data.eval_fraction of "
+                                "the rows, chosen by a hash of each row's content: clean_report.json's splits), or "
+                                "none of its rows fits tokenize.max_length (audit.json). Add rows or raise "
+                                "data.eval_fraction."))
         extra = [k for k in tuned if k not in EVAL_METRICS]
         if extra:
             blocks.append(("table", ["other metric", "base", "tuned"], [[k, fmt(base.get(k)), fmt(tuned.get(k))] for k in extra]))
