@@ -293,8 +293,9 @@ def test_config_errors_stop_snakemake_before_any_job(tmp_path):
                            "--directory", str(REPO), "--configfile", str(config), "--cores", "1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "config key train.max_step: unknown key" in proc.stdout + proc.stderr
+    assert "instructflow: config key train.max_step: unknown key" in proc.stdout + proc.stderr
     assert "Job stats" not in proc.stdout + proc.stderr
+    assert 'File "' not in proc.stdout + proc.stderr  # the message alone, no traceback of the Snakefile's line
 
 
 def test_runs_in_a_configfile_replace_the_default_run(tmp_path):

@@ -21,7 +21,10 @@ from instructflow.codedeps import code_inputs
 from instructflow.launch import accelerate_configs, process_count
 from instructflow.templates import load_template
 
-CONFIG, RUNS = ifconfig.load(config, Path.cwd())
+try:
+    CONFIG, RUNS = ifconfig.load(config, Path.cwd())
+except ifconfig.ConfigError as err:  # the message names the key; Snakemake's traceback of this line adds nothing
+    sys.exit(f"instructflow: {err}")
 TEMPLATES = {r["template_key"]: r["template_path"] for r in RUNS.values()}  # key -> file (config.template_key)
 MODELS = {r["model_key"]: r["model"] for r in RUNS.values()}
 # evaluate.test_sets: name -> {"path", "columns"}; the evaluate stage's own options are the other keys.
