@@ -47,7 +47,8 @@ def test_committed_corpus_matches_its_generator():
 # Every fatal file: the message names the file, where in it (record and column, or the header) and a fix.
 FATAL = {
     "unbalanced_quote.csv": [r"record 2, column 'input'", r"never closed", r'two quotes \(""\)'],
-    "extra_field.csv": [r"record 2 has 4 fields", r"after column 'output'", r"Quote fields"],
+    "extra_field.csv": [r"record 2 has 4 fields", r"after column 'output'", r"Quote fields",
+                        r"^(?!.*in line)"],  # not pandas' own line count beside ours
     "extra_field_first.csv": [r"record 1 has 4 fields but the header has 3 \(the record starts on line 2\)",
                               r"after column 'output'", r"Quote fields that contain the separator ','"],
     "latin1.csv": [r"line 3, record 2, column 'input'", r"iconv -f latin1 -t utf-8"],

@@ -264,7 +264,7 @@ def _explain_csv_error(msg: str, text: str, sep: str) -> str:
     m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
     if m:
         want, line, got = (int(g) for g in m.groups())
-        return f"{_extra_field_message(text, sep, line - 1, want, got)} ({msg})"
+        return _extra_field_message(text, sep, line - 1, want, got)  # pandas' own words count lines otherwise
     return msg
 
 
