@@ -53,7 +53,7 @@ def test_answers_match_the_models_own_generate_in_input_order(run_model, tmp_pat
     assert cli.main(["generate", "--model", str(run_model), "--input", str(questions), "--out", str(out),
                      "--max-new-tokens", "5", "--batch-size", "2"]) == 0
     answers = read_jsonl(out)
-    assert [a["row"] for a in answers] == [0, 1, 2]
+    assert [a["row"] for a in answers] == [1, 2, 3]  # records numbered from 1, as clean's source_row
     assert [(a["instruction"], a["input"]) for a in answers] == [(r["instruction"], r["input"]) for r in ROWS]
     model = AutoModelForCausalLM.from_pretrained(run_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_model)

@@ -8,8 +8,8 @@ the template the model was trained with (an exported run folder holds it as inst
 or the one --template names, tokenized as the tokenize stage does, and answered greedily in
 length-sorted, left-padded batches with the KV cache (the evaluate stage's `generate`), each answer up to
 EOS or, with the chat template, its end-of-turn token (as evaluate stops). The output holds
-one JSON object per input row, in input order: row, instruction, input, output (the answer),
-stopped_with_eos and generated_tokens.
+one JSON object per input row, in input order: row (the record's number, from 1, as the clean stage numbers
+rows), instruction, input, output (the answer), stopped_with_eos and generated_tokens.
 
 It also holds what `instructflow chat` and `instructflow serve` share: finding a run's model folder
 (`resolve_model`) and `TunedModel`, a model with its tokenizer and template that renders a conversation
@@ -49,7 +49,7 @@ def read_instructions(path: str | Path) -> pd.DataFrame:
     if found["instruction"] is None:
         raise CleanError(f"{path}: cannot find the instruction column; columns found: {list(table.columns)}. "
                          f"Name it one of: {', '.join(AUTO_COLUMNS['instruction'])}")
-    return pd.DataFrame({"row": range(len(table)), "instruction": table[found["instruction"]].to_numpy(),
+    return pd.DataFrame({"row": range(1, len(table) + 1), "instruction": table[found["instruction"]].to_numpy(),
                          "input": table[found["input"]].to_numpy() if found["input"] else "",
                          "output": "", "split": "generate"})
 
