@@ -258,6 +258,8 @@ def set_key(path: str, value):
     ("data.path", "missing.csv", r"^config key data\.path: file 'missing\.csv' not found"),
     ("data.path", ".", r"^config key data\.path: '\.' is a folder .*; name one file in it, or list several as "
                        r"data\.sources"),
+    ("evaluate.test_sets", {"qa": "."}, r"^config key evaluate\.test_sets\.qa\.path: test set 'qa': '\.' is a folder "
+                                        r".*; name one file in it; point it at your evaluation file"),
     ("template", "mine.yaml", r"^config key template: file 'mine\.yaml' not found"),
     ("train.args_file", "args.json", r"^config key train\.args_file: cannot read 'args\.json'"),
     ("model.base", "pkg://no_such_package/m.gguf", r"^config key model\.base: .*'no_such_package' is not installed"),

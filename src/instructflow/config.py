@@ -371,7 +371,8 @@ def check_inputs(config: dict, runs: dict[str, dict], workdir: Path = Path("."))
     datas = {id(run["data"]): run["data"] for run in runs.values()}.values()
     for source in (source for data in datas for source in data["sources"]):
         if not (workdir / source["path"]).is_file():
-            raise ConfigError(f"config key {source['config_key']}.path: {_not_a_file(workdir, source['path'])}")
+            raise ConfigError(f"config key {source['config_key']}.path: "
+                              f"{_not_a_file(workdir, source['path'], ', or list several as data.sources')}")
     for name, test_set in config["evaluate"]["test_sets"].items():
         if not (workdir / test_set["path"]).is_file():
             raise ConfigError(f"config key evaluate.test_sets.{name}.path: test set {name!r}: "
@@ -379,10 +380,10 @@ def check_inputs(config: dict, runs: dict[str, dict], workdir: Path = Path("."))
                               "remove the set")
 
 
-def _not_a_file(workdir: Path, path: str) -> str:
+def _not_a_file(workdir: Path, path: str, several: str = "") -> str:
+    """Why ``path`` is no file to read; ``several``: how to name more than one file, where the key can."""
     if (workdir / path).is_dir():
-        return (f"{path!r} is a folder (from {workdir.resolve()}); name one file in it, or list several as "
-                "data.sources")
+        return f"{path!r} is a folder (from {workdir.resolve()}); name one file in it{several}"
     return f"file {path!r} not found (from {workdir.resolve()})"
 
 
