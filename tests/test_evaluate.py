@@ -324,7 +324,7 @@ def test_bf16_evaluation_casts_the_model_once_and_scores_close_to_fp32(setup):
 def test_evaluate_precision_is_a_config_key(monkeypatch):
     """evaluate.precision (auto by default) decides the evaluation model's dtype; auto follows the hardware and
     another value is refused by the schema, naming the key."""
-    from instructflow import evaluate as evaluate_module
+    from instructflow import evaluate as evaluate_module, precision
     from instructflow.config import ConfigError, validate
 
     assert validate({})["evaluate"]["precision"] == "auto"
@@ -334,7 +334,7 @@ def test_evaluate_precision_is_a_config_key(monkeypatch):
     cpu = torch.device("cpu")
     assert evaluate_module._resolve_bf16("fp32", cpu) is False and evaluate_module._resolve_bf16("bf16", cpu) is True
     for native in (True, False):
-        monkeypatch.setattr(evaluate_module, "bf16_supported", lambda device, native=native: native)
+        monkeypatch.setattr(precision, "bf16_supported", lambda device, native=native: native)
         assert evaluate_module._resolve_bf16("auto", cpu) is native
 
 

@@ -15,8 +15,9 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import torch
 
+from . import precision as precisions
 from .config import defaults
-from .device import autocast, bf16_supported, pick_device
+from .device import autocast, pick_device
 from .examples import IGNORE_INDEX, Examples
 from .io import read_json, read_parquet, write_json, write_parquet
 from .loss import labelled_rows, response_loss_sum
@@ -101,15 +102,9 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, An
 
 # ---------------------------------------------------------------------------------- model loading
 def _resolve_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to evaluate in bf16 (the model's weights cast once: ``evaluation_model``)."""
-    precision = str(precision).lower()
-    if precision in ("auto",):
-        return bf16_supported(device)
-    if precision in ("float32", "fp32", "32"):
-        return False
-    if precision in ("bfloat16", "bf16"):
-        return True
-    raise ValueError(f"evaluate.precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
+    """Whether to evaluate in bf16 (the model's weights cast once: ``evaluation_model``): evaluate.precision,
+    resolved as train.precision is."""
+    return precisions.resolve(precision, device, key="evaluate.precision") == "bf16"
 
 
 def load_model(model_dir: str | os.PathLike, device: torch.device | None = None):

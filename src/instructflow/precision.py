@@ -28,17 +28,18 @@ CHOICES = ("auto", "bf16", "fp32")
 BETAS = (0.9, 0.95)
 
 
-def resolve(setting: str, device: torch.device) -> str:
+def resolve(setting: str, device: torch.device, key: str = "train.precision") -> str:
     """`auto` -> `bf16` where the hardware has it natively, else `fp32`. `bf16` asked for where it is not
-    native runs emulated, with a warning: slower than fp32, the same numbers as on a bf16 machine."""
+    native runs emulated, with a warning: slower than fp32, the same numbers as on a bf16 machine. ``key``: the
+    config key that set it (train.precision, evaluate.precision), for messages."""
     if setting not in CHOICES:
-        raise ValueError(f"train.precision must be one of {', '.join(CHOICES)}, not {setting!r}")
+        raise ValueError(f"{key} must be one of {', '.join(CHOICES)}, not {setting!r}")
     native = bf16_supported(device)
     if setting == "auto":
         return "bf16" if native else "fp32"
     if setting == "bf16" and not native:
         warnings.warn(f"instructflow: bf16 is not native on this {device.type} (no AVX512-BF16/AMX, or a GPU "
-                      "without bf16): it runs emulated, slower than fp32. train.precision: auto picks fp32 here.",
+                      f"without bf16): it runs emulated, slower than fp32. {key}: auto picks fp32 here.",
                       RuntimeWarning, stacklevel=2)
     return setting
 
